@@ -1,0 +1,13 @@
+"""clip: a clean-room, drop-in successor to OpenAI's CLIP package.
+
+import clip
+model, preprocess = clip.load("ViT-B/32")
+image = preprocess(Image.open("cat.png")).unsqueeze(0)
+text = clip.tokenize(["a cat", "a dog"])
+logits_per_image, logits_per_text = model(image, text)
+"""
+
+from clip.clip import available_models, load, tokenize
+
+__all__ = ["available_models", "load", "tokenize"]
+__version__ = "0.1.0"

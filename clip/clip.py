@@ -1,0 +1,102 @@
+"""``clip.load`` and friends: the thin layer between files and :mod:`clip.model`.
+
+Also the compatibility surface of OpenAI's ``clip.clip`` module (``_MODELS``, ``_download``,
+``_transform``) for research code that imports those names.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Union
+
+import torch
+
+from clip.checkpoint import read_checkpoint
+from clip.download import MODELS, available_models, download
+from clip.model import CLIP, build_from_state_dict, convert_weights
+from clip.preprocess import Preprocess, transform
+from clip.tokenizer import tokenize
+
+__all__ = ["available_models", "load", "tokenize"]
+
+_MODELS = MODELS
+_download = download
+_transform = transform
+
+Device = Union[str, torch.device]
+
+
+def load(
+    name: str,
+    device: Optional[Device] = None,
+    jit: bool = False,
+    download_root: Optional[str] = None,
+) -> tuple[Union[CLIP, torch.jit.ScriptModule], Preprocess]:
+    """Load a CLIP model and its image preprocessing.
+
+    Args:
+        name: a name from :func:`available_models` (downloaded and SHA256-verified into
+            ``download_root``), or the path of a checkpoint: an OpenAI TorchScript archive or a
+            state dict saved with ``torch.save``.
+        device: where to put the model; default ``"cuda"`` if available, else ``"cpu"``.
+            On CUDA the weights OpenAI keeps in fp16 are fp16; elsewhere everything is fp32.
+        jit: return a TorchScript module (traced from our model on ``device``) instead of a
+            :class:`clip.model.CLIP`. A plain state dict with ``jit=True`` warns and loads eagerly.
+        download_root: cache directory for named models (default ``$CLIP_CACHE_DIR`` or
+            ``~/.cache/clip``).
+
+    Returns:
+        ``(model, preprocess)``: the model in eval mode, and a transform mapping a PIL image to
+        the model's input tensor [3, R, R].
+
+    Raises:
+        RuntimeError: if ``name`` is neither a known model nor an existing file.
+    """
+    device = torch.device(_default_device() if device is None else device)
+    state_dict, is_archive = read_checkpoint(_resolve(name, download_root))
+    if jit and not is_archive:
+        warnings.warn(
+            f"{name!r} is a state dict, not a TorchScript archive; loading it with jit=False",
+            stacklevel=2,
+        )
+        jit = False
+    model = settle_dtype(build_from_state_dict(state_dict), device).to(device)
+    preprocess = transform(model.visual.input_resolution)
+    return (_trace(model) if jit else model), preprocess
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve(name: str, download_root: Optional[str]) -> str:
+    if name in MODELS:
+        return download(MODELS[name], download_root)
+    if os.path.isfile(name):
+        return name
+    raise RuntimeError(f"Model {name} not found; available models = {available_models()}")
+
+
+def settle_dtype(model: CLIP, device: torch.device) -> CLIP:
+    """OpenAI's mixed fp16 precision for CUDA, fp32 for every other device ("cpu", "mps"...)."""
+    model = model.float()
+    if device.type == "cuda":
+        convert_weights(model)
+    return model
+
+
+def _trace(model: CLIP) -> torch.jit.ScriptModule:
+    """Trace ``model`` on its device, exposing ``encode_image``, ``encode_text``, ``forward``."""
+    res = model.visual.input_resolution
+    device = model.visual.conv1.weight.device
+    image = torch.zeros(1, 3, res, res, device=device)
+    text = torch.zeros(1, model.context_length, dtype=torch.long, device=device)
+    text[:, 1] = model.vocab_size - 1  # the end-of-text token is the row's largest id
+    model.register_buffer("input_resolution", torch.tensor(res), persistent=False)
+    inputs = {"forward": (image, text), "encode_image": (image,), "encode_text": (text,)}
+    with warnings.catch_warnings():
+        # Tracing is what the caller asked for; torch's deprecation notice is not theirs to fix.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        return torch.jit.trace_module(model, inputs, check_trace=False)

@@ -1,0 +1,808 @@
+"""CLIP's image and text towers, in one readable file.
+
+Module names equal the key prefixes of OpenAI's released state dicts, so a checkpoint loads with no
+renaming, and research code that reaches into submodules (``model.transformer.resblocks[i].attn``,
+``model.visual.conv1``...) finds what it expects. Hyperparameters are read from tensor shapes by
+:class:`CLIPConfig`; nothing here knows about files, URLs or devices beyond the tensors it is given.
+
+Shape legend used in comments: B batch, L sequence length, N batch (sequence-first layout),
+D width, H heads, C channels, R image resolution, G grid side (R // patch), E embed dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CLIP",
+    "AttentionPool2d",
+    "Bottleneck",
+    "CLIPConfig",
+    "LayerNorm",
+    "ModifiedResNet",
+    "QuickGELU",
+    "ResidualAttentionBlock",
+    "Transformer",
+    "VisionTransformer",
+    "build_model",
+    "convert_weights",
+]
+
+# Keys that OpenAI's TorchScript archives carry beside the weights.
+ARCHIVE_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return y.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that CLIP was trained with: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def causal_mask(length: int) -> Tensor:
+    """Additive causal mask [length, length]: 0 on and below the diagonal, -inf above.
+
+    Always built on the CPU (also under a ``torch.device("meta")`` context), so a model built on
+    the meta device still carries a real mask.
+    """
+    mask = torch.full((length, length), float("-inf"), device="cpu")
+    return mask.triu_(1)
+
+
+def _is_causal(mask: Optional[Tensor]) -> bool:
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.is_meta:
+        return False
+    return bool(torch.equal(mask.cpu().float(), causal_mask(mask.shape[0])))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    Input and output are sequence-first, [L, N, D], as in OpenAI's package. The weights live in an
+    ``nn.MultiheadAttention`` (``attn``) so their names and shapes are OpenAI's; the computation
+    uses ``F.scaled_dot_product_attention`` with the fused in-projection.
+
+    Args:
+        d_model: width D.
+        n_head: number of attention heads.
+        attn_mask: optional additive mask [L, L]; kept as a non-persistent buffer. A causal mask
+            is recognised and run as ``is_causal`` attention, so shorter inputs need no slicing.
+    """
+
+    def __init__(self, d_model: int, n_head: int, attn_mask: Optional[Tensor] = None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_head)
+        self.ln_1 = LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(d_model, d_model * 4)),
+                    ("gelu", QuickGELU()),
+                    ("c_proj", nn.Linear(d_model * 4, d_model)),
+                ]
+            )
+        )
+        self.ln_2 = LayerNorm(d_model)
+        self.attn_mask = attn_mask
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Keep the mask a non-persistent buffer and its causal flag true to it, however it is set.
+        if name == "attn_mask" and (value is None or isinstance(value, Tensor)):
+            self._buffers.pop("attn_mask", None)
+            self.__dict__.pop("attn_mask", None)
+            self.register_buffer("attn_mask", value, persistent=False)
+            self.__dict__["mask_is_causal"] = _is_causal(value)
+            return
+        super().__setattr__(name, value)
+
+    def attention(self, x: Tensor) -> Tensor:
+        """Self-attention of ``x`` [L, N, D] → [L, N, D]."""
+        if type(self.attn) is not nn.MultiheadAttention or self.attn._forward_hooks:
+            # Replaced or hooked by user code: honour its forward.
+            mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
+            return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        length, batch, width = x.shape
+        heads = self.attn.num_heads
+        qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)  # [L, N, 3D]
+        qkv = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
+        q, k, v = qkv.unbind(0)  # each [N, H, L, D/H]
+        y = F.scaled_dot_product_attention(q, k, v, **self._mask_kwargs(length, x.dtype))
+        y = y.permute(2, 0, 1, 3).reshape(length, batch, width)  # [L, N, D]
+        return self.attn.out_proj(y)
+
+    def _mask_kwargs(self, length: int, dtype: torch.dtype) -> dict:
+        if self.mask_is_causal:
+            return {"is_causal": True}
+        if self.attn_mask is None:
+            return {}
+        return {"attn_mask": self.attn_mask[:length, :length].to(dtype)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[L, N, D] → [L, N, D]."""
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`ResidualAttentionBlock`; sequence-first [L, N, D] in and out.
+
+    Args:
+        width: D.
+        layers: number of blocks.
+        heads: attention heads per block.
+        attn_mask: optional additive mask given to every block (the text tower's causal mask).
+    """
+
+    def __init__(
+        self, width: int, layers: int, heads: int, attn_mask: Optional[Tensor] = None
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        blocks = [ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)]
+        self.resblocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[L, N, D] → [L, N, D]."""
+        return self.resblocks(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Image towers
+# --------------------------------------------------------------------------------------------
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower: patchify, class token, transformer, ln_post, projection.
+
+    Args:
+        input_resolution: R, the square input side in pixels.
+        patch_size: side of a square patch; R must be a multiple of it.
+        width: D, the transformer width.
+        layers: transformer depth.
+        heads: attention heads.
+        output_dim: E, the joint embedding size.
+    """
+
+    def __init__(
+        self,
+        input_resolution: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+    ) -> None:
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width**-0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → all tokens after ``ln_post`` [B, 1+G*G, D], class token first."""
+        x = self.conv1(x)  # [B, D, G, G]
+        x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+G*G, D]
+        x = self.ln_pre(x)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, 1+G*G, D]
+        return self.ln_post(x)
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        """Tokens [B, 1 + G*G, D] → class token projected [B, E] (or [B, D] if ``proj`` is None)."""
+        x = tokens[:, 0, :]
+        return x if self.proj is None else x @ self.proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → embeddings [B, E]."""
+        return self.forward_head(self.forward_features(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck whose strided blocks downsample by average pooling, not strided convs.
+
+    Args:
+        inplanes: input channels.
+        planes: inner channels; the block outputs ``planes * 4``.
+        stride: spatial downsampling factor (1 or 2).
+    """
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.downsample: Optional[nn.Sequential] = None
+        self.stride = stride
+        if stride > 1 or inplanes != out:
+            layers = [
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, out, 1, stride=1, bias=False)),
+                ("1", nn.BatchNorm2d(out)),
+            ]
+            self.downsample = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, inplanes, h, w] → [B, 4*planes, h/stride, w/stride]."""
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.relu2(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.avgpool(y)))
+        return self.relu3(y + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling: the mean token, prepended to the spatial tokens, attends to all of them.
+
+    Args:
+        spacial_dim: side of the input feature map (R // 32). (OpenAI's spelling, kept.)
+        embed_dim: channels C of the feature map.
+        num_heads: attention heads.
+        output_dim: output size (default: ``embed_dim``).
+    """
+
+    def __init__(
+        self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None
+    ) -> None:
+        super().__init__()
+        pos = torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5
+        self.positional_embedding = nn.Parameter(pos)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
+        self.num_heads = num_heads
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Feature map [B, C, h, w] → mean token + spatial tokens with positions [B, 1+h*w, C]."""
+        x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+h*w, C]
+        return x + self.positional_embedding.to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Feature map [B, C, h, w] → pooled embedding [B, output_dim]."""
+        x = self.tokens(x)
+        batch, length, width = x.shape
+        heads = self.num_heads
+        q = self.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)  # [B, H, 1, C/H]
+        k = self.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, 1+hw, C/H]
+        v = self.v_proj(x).view(batch, length, heads, -1).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, C/H]
+        return self.c_proj(y.transpose(1, 2).reshape(batch, width))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased strided bottlenecks, and
+    attention pooling instead of global average pooling.
+
+    Args:
+        layers: bottleneck count of each of the four stages.
+        output_dim: E.
+        heads: attention-pool heads.
+        input_resolution: R; the final feature map is R // 32 on a side.
+        width: stem width; stage widths are 4x, 8x, 16x, 32x this.
+    """
+
+    def __init__(
+        self,
+        layers: Union[tuple[int, ...], list[int]],
+        output_dim: int,
+        heads: int,
+        input_resolution: int = 224,
+        width: int = 64,
+    ) -> None:
+        super().__init__()
+        self.output_dim = output_dim
+        self.input_resolution = input_resolution
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        embed_dim = width * 32
+        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def stem(self, x: Tensor) -> Tensor:
+        """[B, 3, R, R] → [B, width, R/4, R/4]."""
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.avgpool(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → feature map before attention pooling [B, 32*width, R/32, R/32]."""
+        x = self.stem(x.to(self.conv1.weight.dtype))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Feature map [B, C, R/32, R/32] → attention-pooled embedding [B, E]."""
+        return self.attnpool(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → embeddings [B, E]."""
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP
+# --------------------------------------------------------------------------------------------
+
+
+class CLIP(nn.Module):
+    """Contrastive image-text model: an image tower, a causal text transformer, and a shared space.
+
+    The constructor's arguments and their order are OpenAI's, so subclasses written for OpenAI's
+    package work unchanged.
+
+    Args:
+        embed_dim: E, the joint embedding size.
+        image_resolution: R.
+        vision_layers: an int (ViT depth) or four ints (ResNet stage depths).
+        vision_width: ViT width, or ResNet stem width.
+        vision_patch_size: ViT patch size (ignored for ResNets).
+        context_length: maximum text length in tokens (77).
+        vocab_size: token vocabulary size (49408).
+        transformer_width: text transformer width.
+        transformer_heads: text transformer heads.
+        transformer_layers: text transformer depth.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        image_resolution: int,
+        vision_layers: Union[tuple[int, int, int, int], int],
+        vision_width: int,
+        vision_patch_size: Optional[int],
+        context_length: int,
+        vocab_size: int,
+        transformer_width: int,
+        transformer_heads: int,
+        transformer_layers: int,
+    ) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.visual: Union[ModifiedResNet, VisionTransformer]
+        if isinstance(vision_layers, (tuple, list)):
+            heads = vision_width * 32 // 64
+            self.visual = ModifiedResNet(
+                vision_layers, embed_dim, heads, image_resolution, vision_width
+            )
+        else:
+            if vision_patch_size is None:
+                raise ValueError("a ViT image tower needs vision_patch_size")
+            heads = vision_width // 64
+            self.visual = VisionTransformer(
+                image_resolution, vision_patch_size, vision_width, vision_layers, heads, embed_dim
+            )
+        mask = self.build_attention_mask()
+        self.transformer = Transformer(
+            transformer_width, transformer_layers, transformer_heads, mask
+        )
+        self.vocab_size = vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """Random initialisation as used to train CLIP (for training from scratch)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            self._init_resnet(self.visual)
+        width, layers = self.transformer.width, self.transformer.layers
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        attn_std, fc_std = width**-0.5, (2 * width) ** -0.5
+        stds = {
+            "attn.in_proj_weight": attn_std,
+            "attn.out_proj.weight": proj_std,
+            "mlp.c_fc.weight": fc_std,
+            "mlp.c_proj.weight": proj_std,
+        }
+        for name, param in self.transformer.named_parameters():
+            std = stds.get(name.split(".", 2)[-1])
+            if std is not None:
+                nn.init.normal_(param, std=std)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    @staticmethod
+    def _init_resnet(visual: ModifiedResNet) -> None:
+        pool = visual.attnpool
+        std = pool.c_proj.in_features**-0.5
+        for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            nn.init.normal_(linear.weight, std=std)
+        for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            for name, param in stage.named_parameters():
+                if name.endswith("bn3.weight"):
+                    nn.init.zeros_(param)
+
+    def build_attention_mask(self) -> Tensor:
+        """The text tower's causal mask [context_length, context_length] (additive, -inf above)."""
+        return causal_mask(self.context_length)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the image tower's first convolution: the dtype inputs are cast to."""
+        return self.visual.conv1.weight.dtype
+
+    # ---- image ------------------------------------------------------------------------------
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """Embed images.
+
+        Args:
+            image: float tensor [B, 3, R, R] on the model's device, normalised as ``preprocess``
+                does; cast to ``model.dtype``.
+
+        Returns:
+            Image embeddings [B, E], not normalised.
+        """
+        self._check_image(image)
+        return self.visual(image.to(self.dtype))
+
+    def _check_image(self, image: Tensor) -> None:
+        if torch.jit.is_tracing():
+            return
+        res = self.visual.input_resolution
+        expected = f"[B, 3, {res}, {res}]"
+        if not isinstance(image, Tensor):
+            raise TypeError(f"image must be a torch.Tensor {expected}, got {type(image).__name__}")
+        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (res, res):
+            hint = " (add a batch dimension with image.unsqueeze(0))" if image.dim() == 3 else ""
+            raise ValueError(
+                f"image must have shape {expected}, got {list(image.shape)}{hint}; "
+                "use the preprocess returned by clip.load to resize and normalise images"
+            )
+        if not image.is_floating_point():
+            raise TypeError(
+                f"image must be a float tensor, got {image.dtype}; "
+                "use the preprocess returned by clip.load to convert and normalise images"
+            )
+        _check_device(image, self.visual.conv1.weight, "image")
+
+    # ---- text -------------------------------------------------------------------------------
+
+    def encode_text(self, text: Tensor) -> Tensor:
+        """Embed tokenized texts.
+
+        The text tower is causal and pools at the end-of-text token (the largest id in each row),
+        so it runs only on the first ``max EOT position + 1`` columns: the result is the same as
+        on the full padded batch, computed faster.
+
+        Args:
+            text: integer token ids [B, L] with L ≤ ``context_length``, as from ``clip.tokenize``.
+
+        Returns:
+            Text embeddings [B, E], not normalised.
+        """
+        self._check_text(text)
+        eot = text.argmax(dim=-1)  # [B]
+        if not torch.jit.is_tracing() and text.shape[0] > 0:
+            text = text[:, : int(eot.max()) + 1]
+        x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
+        x = x + self.positional_embedding[: text.shape[1]].to(self.dtype)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, L, D]
+        x = self.ln_final(x).to(self.dtype)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
+        return pooled @ self.text_projection
+
+    def _check_text(self, text: Tensor) -> None:
+        if torch.jit.is_tracing():
+            return
+        if not isinstance(text, Tensor):
+            raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
+        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
+            raise TypeError(
+                f"text must hold integer token ids, got {text.dtype}; use clip.tokenize"
+            )
+        if text.dim() != 2:
+            raise ValueError(
+                f"text must have shape [B, L] (L ≤ {self.context_length}), got {list(text.shape)}; "
+                "for [B, N, L] prompt groups, flatten with text.flatten(0, 1), then reshape"
+            )
+        if text.shape[1] > self.context_length or text.shape[1] == 0:
+            raise ValueError(
+                f"text has {text.shape[1]} tokens per row; this model takes 1 to "
+                f"{self.context_length}: tokenize with clip.tokenize(..., truncate=True)"
+            )
+        _check_device(text, self.token_embedding.weight, "text")
+        if text.numel():
+            low, high = (int(v) for v in torch.aminmax(text))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.vocab_size}), got range [{low}, {high}]; "
+                    "use clip.tokenize"
+                )
+
+    # ---- both -------------------------------------------------------------------------------
+
+    def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Scaled cosine similarities between images and texts.
+
+        Args:
+            image: [B, 3, R, R] preprocessed images.
+            text: [T, L] token ids.
+
+        Returns:
+            ``(logits_per_image [B, T], logits_per_text [T, B])``.
+        """
+        image_features = self.encode_image(image)
+        text_features = self.encode_text(text)
+        image_features = image_features / image_features.norm(dim=1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=1, keepdim=True)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def _check_device(x: Tensor, weight: Tensor, what: str) -> None:
+    if x.device != weight.device:
+        raise ValueError(
+            f"{what} is on {x.device} but the model is on {weight.device}; "
+            f"move it with {what}.to({str(weight.device)!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration from checkpoint shapes, and building
+# --------------------------------------------------------------------------------------------
+
+
+def _count_prefixes(keys: list[str], prefix: str, depth: int) -> int:
+    """Distinct values of the dotted component at ``depth`` among keys starting with ``prefix``."""
+    return len({k.split(".")[depth] for k in keys if k.startswith(prefix)})
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Hyperparameters of a CLIP model, in the order of :class:`CLIP`'s constructor."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: Union[int, tuple[int, int, int, int]]
+    vision_width: int
+    vision_patch_size: Optional[int]
+    context_length: int
+    vocab_size: int
+    transformer_width: int
+    transformer_heads: int
+    transformer_layers: int
+
+    @property
+    def is_vit(self) -> bool:
+        """Whether the image tower is a ViT (else a ModifiedResNet)."""
+        return isinstance(self.vision_layers, int)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> CLIPConfig:
+        """Read every hyperparameter from the shapes of an OpenAI-format state dict.
+
+        Args:
+            state_dict: OpenAI-format weights (tensors may be on the meta device).
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ValueError: if a key the format requires is missing.
+        """
+        required = ["text_projection", "positional_embedding", "token_embedding.weight"]
+        required += ["ln_final.weight", "visual.conv1.weight"]
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"not a CLIP state dict in OpenAI's format: missing {missing} "
+                f"(found {len(state_dict)} keys, e.g. {list(state_dict)[:3]})"
+            )
+        keys = list(state_dict)
+        vision = (
+            _vit_config(state_dict)
+            if "visual.proj" in state_dict
+            else _resnet_config(keys, state_dict)
+        )
+        width = state_dict["ln_final.weight"].shape[0]
+        return cls(
+            embed_dim=state_dict["text_projection"].shape[1],
+            **vision,
+            context_length=state_dict["positional_embedding"].shape[0],
+            vocab_size=state_dict["token_embedding.weight"].shape[0],
+            transformer_width=width,
+            transformer_heads=width // 64,
+            transformer_layers=_count_prefixes(keys, "transformer.resblocks.", 2),
+        )
+
+
+def _vit_config(sd: Mapping[str, Tensor]) -> dict:
+    conv = sd["visual.conv1.weight"]  # [D, 3, P, P]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = _count_prefixes(list(sd), "visual.transformer.resblocks.", 3)
+    return {
+        "image_resolution": conv.shape[-1] * grid,
+        "vision_layers": layers,
+        "vision_width": conv.shape[0],
+        "vision_patch_size": conv.shape[-1],
+    }
+
+
+def _resnet_config(keys: list[str], sd: Mapping[str, Tensor]) -> dict:
+    if "visual.attnpool.positional_embedding" not in sd:
+        raise ValueError("not a CLIP state dict: neither visual.proj (ViT) nor visual.attnpool")
+    stages = tuple(_count_prefixes(keys, f"visual.layer{i}.", 2) for i in range(1, 5))
+    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    return {
+        "image_resolution": grid * 32,
+        "vision_layers": stages,
+        "vision_width": sd["visual.layer1.0.conv1.weight"].shape[0],
+        "vision_patch_size": None,
+    }
+
+
+def convert_weights(model: nn.Module) -> None:
+    """Cast, in place, the weights OpenAI keeps in fp16 to fp16.
+
+    Conv and Linear weights and biases, attention projections, ``text_projection`` and ``proj``
+    become fp16; LayerNorm, BatchNorm, embeddings and ``logit_scale`` stay as they are.
+
+    Args:
+        model: any module tree (typically a :class:`CLIP`).
+    """
+
+    def to_half(module: nn.Module) -> None:
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            _half_params(module, ["weight", "bias"])
+        if isinstance(module, nn.MultiheadAttention):
+            names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            _half_params(module, [*names, "in_proj_bias", "bias_k", "bias_v"])
+        _half_params(module, ["text_projection", "proj"])
+
+    model.apply(to_half)
+
+
+def _half_params(module: nn.Module, names: list[str]) -> None:
+    for name in names:
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, Tensor):
+            tensor.data = tensor.data.half()
+
+
+def _without_archive_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRA_KEYS}
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], assign: bool = False) -> None:
+    """Strictly load OpenAI-format weights, with an error that lists what does not fit.
+
+    Args:
+        model: the model to fill.
+        state_dict: weights; the extra keys of OpenAI's archives are ignored.
+        assign: take the given tensors as the parameters (keeps their dtypes, no copy).
+
+    Raises:
+        ValueError: on missing or unexpected keys, or mismatched shapes.
+    """
+    sd = _without_archive_keys(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(_mismatch_message(missing, unexpected, wrong))
+    model.load_state_dict(sd, strict=True, assign=assign)
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = ["state dict does not fit the CLIP architecture inferred from its shapes:"]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+        if items:
+            shown = ", ".join(items[:8]) + (
+                f", ... ({len(items)} in all)" if len(items) > 8 else ""
+            )
+            parts.append(f"{label} keys: {shown}")
+    parts.append(
+        "expected an unmodified OpenAI CLIP checkpoint (TorchScript archive or state dict)"
+    )
+    return "\n  ".join(parts)
+
+
+def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
+    """Build a :class:`CLIP` holding exactly the given tensors (dtypes kept), in eval mode.
+
+    The model is constructed on the meta device and the weights assigned, so no random
+    initialisation runs and no second copy of the weights is made. The caller's dict is not
+    modified.
+
+    Args:
+        state_dict: OpenAI-format weights (TorchScript archive extras are ignored).
+
+    Returns:
+        The model, on the device of the given tensors.
+    """
+    config = CLIPConfig.from_state_dict(state_dict)
+    try:
+        with torch.device("meta"):
+            model = CLIP(**asdict(config))
+    except (AssertionError, ValueError, RuntimeError) as e:
+        raise ValueError(f"state dict shapes give an impossible CLIP ({config}): {e}") from e
+    load_weights(model, state_dict, assign=True)
+    return model.eval()
+
+
+def build_model(state_dict: dict) -> CLIP:
+    """Build a CLIP model from an OpenAI-format state dict, as OpenAI's ``build_model`` does.
+
+    Hyperparameters are inferred from tensor shapes; weights are loaded strictly; the model is
+    returned in eval mode with OpenAI's mixed precision (see :func:`convert_weights`). Call
+    ``.float()`` on the result for fp32. The caller's dict is not modified.
+
+    Args:
+        state_dict: the weights, e.g. ``torch.jit.load(path).state_dict()``.
+
+    Returns:
+        The model.
+    """
+    model = build_from_state_dict({k: v.clone() for k, v in state_dict.items()})
+    convert_weights(model)
+    return model

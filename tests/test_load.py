@@ -1,0 +1,163 @@
+"""clip.load on tiny checkpoints in every OpenAI format, jit on and off, and its failure modes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import TINY, Arch, is_half_in_release, make_state_dict
+from conftest import assert_rel_close, sample_images, sample_text
+
+import clip
+from clip.checkpoint import CheckpointError
+from clip.clip import settle_dtype
+from clip.model import CLIP, build_from_state_dict
+
+FORMATS = ["state_dict", "state_dict_fp16", "archive"]
+
+
+def expected_outputs(arch: Arch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = build_from_state_dict(make_state_dict(arch))
+    with torch.no_grad():
+        images, texts = sample_images(arch), sample_text()
+        return model.encode_image(images), model.encode_text(texts), model(images, texts)[0]
+
+
+def outputs(model: torch.nn.Module, arch: Arch) -> tuple[torch.Tensor, ...]:
+    images, texts = sample_images(arch), sample_text()
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(texts), model(images, texts)[0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_eager_on_cpu(tiny_files: dict, arch_name: str, fmt: str) -> None:
+    arch = TINY[arch_name]
+    model, preprocess = clip.load(str(tiny_files[arch_name][fmt]), device="cpu")
+    assert isinstance(model, CLIP) and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for got, want in zip(outputs(model, arch), expected_outputs(arch)):
+        assert torch.equal(got, want)
+    assert preprocess.transforms[1].size == (arch.image_resolution, arch.image_resolution)
+
+
+@pytest.mark.parametrize("fmt", ["archive"])
+def test_load_jit(tiny_files: dict, arch_name: str, fmt: str) -> None:
+    arch = TINY[arch_name]
+    model, _ = clip.load(str(tiny_files[arch_name][fmt]), device="cpu", jit=True)
+    assert isinstance(model, torch.jit.ScriptModule)
+    assert model.input_resolution.item() == arch.image_resolution
+    for got, want in zip(outputs(model, arch), expected_outputs(arch)):
+        assert_rel_close(got, want)
+    with torch.no_grad():  # other batch sizes and shorter texts than the trace example
+        eager = build_from_state_dict(make_state_dict(arch))
+        texts = sample_text(5)[:, :30]
+        assert_rel_close(model.encode_text(texts), eager.encode_text(texts))
+        images = sample_images(arch, 4, seed=3)
+        assert_rel_close(model.encode_image(images), eager.encode_image(images))
+
+
+def test_jit_with_a_state_dict_warns_and_loads_eagerly(tiny_files: dict) -> None:
+    with pytest.warns(UserWarning, match="jit=False"):
+        model, _ = clip.load(str(tiny_files["tiny-vit"]["state_dict"]), device="cpu", jit=True)
+    assert isinstance(model, CLIP)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu")])
+def test_cpu_device_spellings_give_fp32(tiny_files: dict, device: object) -> None:
+    model, _ = clip.load(str(tiny_files["tiny-rn"]["archive"]), device=device)  # type: ignore[arg-type]
+    assert all(t.dtype in (torch.float32, torch.long) for t in model.state_dict().values())
+
+
+def test_default_device_is_decided_at_call_time(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: seen.append(1) or False)
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["archive"]))
+    assert seen and model.visual.conv1.weight.device.type == "cpu"
+
+
+def test_cuda_gets_openai_mixed_precision(arch: Arch) -> None:
+    model = settle_dtype(build_from_state_dict(make_state_dict(arch)), torch.device("cuda"))
+    for key, tensor in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            half = is_half_in_release(key, tuple(tensor.shape))
+            assert tensor.dtype == (torch.float16 if half else torch.float32), key
+
+
+def test_mps_gets_fp32(arch: Arch) -> None:
+    sd = make_state_dict(arch, layout="openai")
+    model = settle_dtype(build_from_state_dict(sd), torch.device("mps"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compat_names() -> None:
+    assert clip.available_models() == [
+        "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64",
+        "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px",
+    ]  # fmt: skip
+    from clip.clip import _MODELS, _download, _transform, available_models, load, tokenize
+
+    assert list(_MODELS) == available_models() and callable(_download) and callable(load)
+    assert callable(tokenize) and _transform(224).transforms[1].size == (224, 224)
+    for name, url in _MODELS.items():
+        assert len(url.split("/")[-2]) == 64, name
+
+
+# ---- failure modes --------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_models() -> None:
+    with pytest.raises(RuntimeError, match=r"ViT-B/32.*available models.*RN50"):
+        clip.load("ViT-B/32-typo")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(RuntimeError, match="not found"):
+        clip.load("/no/such/file.pt")
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="neither a TorchScript archive nor"):
+        clip.load(str(path), device="cpu")
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "archive"])
+def test_truncated_file(tiny_files: dict, tmp_path: Path, fmt: str) -> None:
+    data = tiny_files["tiny-vit"][fmt].read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        clip.load(str(path), device="cpu")
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"visual.proj": _RunsCode()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="refused"):
+        clip.load(str(path), device="cpu")
+
+
+def test_a_saved_model_object_is_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="dict of tensors"):
+        clip.load(str(path), device="cpu")
+
+
+def test_state_dict_with_missing_keys(tmp_path: Path) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    del sd["visual.ln_post.weight"]
+    torch.save(sd, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"missing keys: visual\.ln_post\.weight"):
+        clip.load(str(tmp_path / "partial.pt"), device="cpu")
