@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import TINY, make_state_dict, state_dict_digest
+from checkpoints import TINY, make_state_dict, state_dict_digest, write_openai_archive
 
 import clip
 
@@ -105,6 +105,26 @@ def test_outputs_match_reference(
     ours = _outputs(model, ref["images"], golden["token_ids"])
     for name in OUTPUT_NAMES:
         assert_matches_reference(ours[name], ref[name], f"{arch_name}/{layout}/jit={jit}/{name}")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("arch_name", sorted(TINY))
+def test_torchscript_archive_outputs_match_reference(
+    golden: dict, tmp_path: Path, arch_name: str, jit: bool
+) -> None:
+    """The released layout (a TorchScript archive), both as a traced model and rebuilt eagerly."""
+    sd = make_state_dict(TINY[arch_name], layout="openai")
+    _check_digest(sd, golden["archs"][arch_name]["digest"]["openai"], arch_name, "openai")
+    path = tmp_path / "archive.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        write_openai_archive(TINY[arch_name], sd, str(path))
+    model, _ = clip.load(str(path), device="cpu", jit=jit)
+    assert isinstance(model, torch.jit.ScriptModule) == jit
+    ref = golden["archs"][arch_name]
+    ours = _outputs(model, ref["images"], golden["token_ids"])
+    for name in OUTPUT_NAMES:
+        assert_matches_reference(ours[name], ref[name], f"{arch_name}/archive/jit={jit}/{name}")
 
 
 @pytest.mark.parametrize("arch_name", sorted(TINY))
