@@ -6,6 +6,7 @@ Also the compatibility surface of OpenAI's ``clip.clip`` module (``_MODELS``, ``
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from typing import Optional, Union
@@ -75,7 +76,12 @@ def _resolve(name: str, download_root: Optional[str]) -> str:
         return download(MODELS[name], download_root)
     if os.path.isfile(name):
         return name
-    raise RuntimeError(f"Model {name} not found; available models = {available_models()}")
+    close = difflib.get_close_matches(name, available_models(), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RuntimeError(
+        f"Model {name} not found; available models = {available_models()}, "
+        f"or pass the path of a checkpoint file.{hint}"
+    )
 
 
 def settle_dtype(model: CLIP, device: torch.device) -> CLIP:

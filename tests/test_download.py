@@ -7,6 +7,7 @@ import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -14,8 +15,8 @@ from clip.download import MODELS, download, expected_sha256
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    hits: list[str] = []
+    files: ClassVar[dict[str, bytes]] = {}
+    hits: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.hits.append(self.path)
@@ -78,3 +79,16 @@ def test_wrong_bytes_raise_and_leave_nothing(server: str, tmp_path: Path) -> Non
     with pytest.raises(RuntimeError, match=hashlib.sha256(b"tampered").hexdigest()):
         download(url, str(tmp_path), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_by_name_downloads_verifies_and_builds(
+    server: str, tmp_path: Path, tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import clip
+
+    url = publish(server, tiny_files["tiny-vit"]["archive"].read_bytes())
+    monkeypatch.setitem(MODELS, "tiny-vit", url)
+    model, preprocess = clip.load("tiny-vit", device="cpu", download_root=str(tmp_path))
+    assert model.visual.input_resolution == 32 and preprocess.transforms[1].size == (32, 32)
+    assert [p.name for p in tmp_path.iterdir()] == ["M.pt"]
+    assert "tiny-vit" in clip.available_models()

@@ -113,6 +113,8 @@ def test_compat_names() -> None:
 def test_unknown_name_lists_models() -> None:
     with pytest.raises(RuntimeError, match=r"ViT-B/32.*available models.*RN50"):
         clip.load("ViT-B/32-typo")
+    with pytest.raises(RuntimeError, match=r"Did you mean 'ViT-B/32'\?"):
+        clip.load("ViT-B-32")
 
 
 def test_missing_file() -> None:
