@@ -39,7 +39,7 @@ def test_pickle_round_trip_gives_the_same_pixels() -> None:
 
 @pytest.mark.parametrize("bad", [torch.zeros(3, 32, 32), np.zeros((32, 32, 3)), "cat.png"])
 def test_non_images_are_refused_with_a_hint(bad: object) -> None:
-    with pytest.raises(TypeError, match="PIL.Image"):
+    with pytest.raises(TypeError, match=r"PIL\.Image"):
         _transform(32)(bad)
 
 
