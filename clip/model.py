@@ -111,9 +111,7 @@ class ResidualAttentionBlock(nn.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         # Keep the mask a non-persistent buffer and its causal flag true to it, however it is set.
         if name == "attn_mask" and (value is None or isinstance(value, Tensor)):
-            self._buffers.pop("attn_mask", None)
-            self.__dict__.pop("attn_mask", None)
-            self.register_buffer("attn_mask", value, persistent=False)
+            self.register_buffer(name, value, persistent=False)
             self.__dict__["mask_is_causal"] = _is_causal(value)
             return
         super().__setattr__(name, value)

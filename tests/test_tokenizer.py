@@ -298,13 +298,19 @@ def test_import_does_not_read_vocabulary() -> None:
         "def boom(*a, **k):\n"
         "    raise AssertionError('vocabulary read at import')\n"
         "gzip.open = boom\n"
-        "import clip.tokenizer, clip.simple_tokenizer\n"
+        "import clip, clip.tokenizer, clip.simple_tokenizer\n"
         "assert clip.tokenizer.default_tokenizer.cache_info().currsize == 0\n"
+        "assert 'ftfy' not in sys.modules\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_packaged_vocabulary_is_openais_file() -> None:
+    digest = hashlib.sha256(Path(default_bpe()).read_bytes()).hexdigest()
+    assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 
 
 def test_default_tokenizer_is_shared() -> None:
