@@ -92,6 +92,8 @@ class ResidualAttentionBlock(nn.Module):
             is recognised and run as ``is_causal`` attention, so shorter inputs need no slicing.
     """
 
+    mask_is_causal: bool  # kept in step with attn_mask by __setattr__
+
     def __init__(self, d_model: int, n_head: int, attn_mask: Optional[Tensor] = None) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, n_head)
@@ -118,25 +120,32 @@ class ResidualAttentionBlock(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         """Self-attention of ``x`` [L, N, D] → [L, N, D]."""
-        if type(self.attn) is not nn.MultiheadAttention or self.attn._forward_hooks:
-            # Replaced or hooked by user code: honour its forward.
-            mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
-            return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
         length, batch, width = x.shape
+        if self._attn_is_customised():
+            mask = self._sliced_mask(length, x.dtype)
+            return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
         heads = self.attn.num_heads
         qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)  # [L, N, 3D]
         qkv = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
         q, k, v = qkv.unbind(0)  # each [N, H, L, D/H]
-        y = F.scaled_dot_product_attention(q, k, v, **self._mask_kwargs(length, x.dtype))
+        causal = self.mask_is_causal
+        mask = None if causal else self._sliced_mask(length, x.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.permute(2, 0, 1, 3).reshape(length, batch, width)  # [L, N, D]
         return self.attn.out_proj(y)
 
-    def _mask_kwargs(self, length: int, dtype: torch.dtype) -> dict:
-        if self.mask_is_causal:
-            return {"is_causal": True}
+    def _attn_is_customised(self) -> bool:
+        """Whether user code replaced or hooked ``attn``, so its own forward must run."""
+        attn = self.attn
+        return type(attn) is not nn.MultiheadAttention or bool(
+            attn._forward_hooks or attn._forward_pre_hooks
+        )
+
+    def _sliced_mask(self, length: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """The mask for ``length`` tokens (texts may be shorter than the context), in ``dtype``."""
         if self.attn_mask is None:
-            return {}
-        return {"attn_mask": self.attn_mask[:length, :length].to(dtype)}
+            return None
+        return self.attn_mask[:length, :length].to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """[L, N, D] → [L, N, D]."""

@@ -179,6 +179,18 @@ def test_hooked_or_replaced_attention_is_called() -> None:
     assert seen == [torch.Size([4, 2, 64])]
 
 
+def test_hooked_text_attention_sees_trimmed_inputs(arch: Arch) -> None:
+    model = fp32_model(arch)
+    text = sample_text(3)
+    with torch.no_grad():
+        expected = model.encode_text(text)
+        seen = []
+        for block in model.transformer.resblocks:
+            block.attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+        assert_rel_close(model.encode_text(text), expected)
+    assert seen and max(seen) < 77  # the causal mask was sliced to the trimmed length
+
+
 def test_mask_is_a_non_persistent_buffer_untouched_by_forward(arch: Arch) -> None:
     model = fp32_model(arch)
     block = model.transformer.resblocks[0]
