@@ -29,10 +29,10 @@ Device = Union[str, torch.device]
 
 
 def load(
-    name: str,
+    name: Union[str, os.PathLike[str]],
     device: Optional[Device] = None,
     jit: bool = False,
-    download_root: Optional[str] = None,
+    download_root: Optional[Union[str, os.PathLike[str]]] = None,
 ) -> tuple[Union[CLIP, torch.jit.ScriptModule], Preprocess]:
     """Load a CLIP model and its image preprocessing.
 
@@ -52,9 +52,10 @@ def load(
         the model's input tensor [3, R, R].
 
     Raises:
-        RuntimeError: if ``name`` is neither a known model nor an existing file.
+        RuntimeError: if ``name`` is neither a known model nor an existing file, or ``device``
+            is not available on this machine.
     """
-    device = torch.device(_default_device() if device is None else device)
+    device = _usable_device(device)
     state_dict, is_archive = read_checkpoint(_resolve(name, download_root))
     if jit and not is_archive:
         warnings.warn(
@@ -67,15 +68,40 @@ def load(
     return (_trace(model) if jit else model), preprocess
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _usable_device(device: Optional[Device]) -> torch.device:
+    """The requested device (default: cuda if available, else cpu), checked to exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    available = {
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+    }
+    if device.type in available and not available[device.type]():
+        raise RuntimeError(
+            f"device {str(device)!r} was requested but is not available on this machine; "
+            "pass device='cpu' (or leave device=None to pick the best available)"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"device {str(device)!r} was requested but only "
+            f"{torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    return device
 
 
-def _resolve(name: str, download_root: Optional[str]) -> str:
-    if name in MODELS:
-        return download(MODELS[name], download_root)
-    if os.path.isfile(name):
-        return name
+def _resolve(
+    name: Union[str, os.PathLike[str]], download_root: Optional[Union[str, os.PathLike[str]]]
+) -> str:
+    root = None if download_root is None else os.path.expanduser(os.fspath(download_root))
+    if isinstance(name, str) and name in MODELS:
+        return download(MODELS[name], root)
+    path = os.path.expanduser(os.fspath(name))
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        raise RuntimeError(f"{path!r} is a directory; pass a checkpoint file or a model name")
+    name = str(name)
     close = difflib.get_close_matches(name, available_models(), n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise RuntimeError(

@@ -80,6 +80,28 @@ def test_default_device_is_decided_at_call_time(
     assert seen and model.visual.conv1.weight.device.type == "cpu"
 
 
+def test_path_objects_are_accepted(tiny_files: dict) -> None:
+    model, _ = clip.load(tiny_files["tiny-rn"]["state_dict"], device="cpu")
+    assert isinstance(model, CLIP)
+
+
+def test_unavailable_devices_are_refused_clearly(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = str(tiny_files["tiny-vit"]["archive"])
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(RuntimeError, match=r"not available.*device='cpu'"):
+            clip.load(path, device=device)
+    with pytest.raises(RuntimeError, match="Expected one of"):  # torch's own list of devices
+        clip.load(path, device="gpu")
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="is a directory"):
+        clip.load(str(tmp_path))
+
+
 def test_cuda_gets_openai_mixed_precision(arch: Arch) -> None:
     model = settle_dtype(build_from_state_dict(make_state_dict(arch)), torch.device("cuda"))
     for key, tensor in model.state_dict().items():
