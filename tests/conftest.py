@@ -72,3 +72,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     scale = expected.abs().max().item()
     worst = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
     assert worst <= rel * scale, f"max abs diff {worst:.3g} > {rel:g} x max |expected| {scale:.3g}"
+
+
+def model_outputs(model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor) -> dict:
+    """The four outputs the parity tests compare: both encoders and both logits of ``forward``."""
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(images, ids)
+        return {
+            "encode_image": model.encode_image(images),
+            "encode_text": model.encode_text(ids),
+            "logits_per_image": logits_per_image,
+            "logits_per_text": logits_per_text,
+        }

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import TINY, Arch, is_half_in_release, make_state_dict, state_dict_shapes
-from conftest import assert_rel_close, sample_images, sample_text
+from conftest import assert_rel_close, model_outputs, sample_images, sample_text
 
 import clip
 import clip.model
@@ -160,17 +160,6 @@ def token_batch(name: str) -> torch.Tensor:
 TOKEN_BATCHES = ("mixed-with-full-row", "all-short")
 
 
-def ours_outputs(model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor) -> Outputs:
-    with torch.no_grad():
-        logits_per_image, logits_per_text = model(images, ids)
-        return {
-            "encode_image": model.encode_image(images),
-            "encode_text": model.encode_text(ids),
-            "logits_per_image": logits_per_image,
-            "logits_per_text": logits_per_text,
-        }
-
-
 def oracle_outputs(model: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor) -> Outputs:
     """open_clip's features, and logits as its users compute them from its ``forward``."""
     with torch.no_grad():
@@ -275,7 +264,7 @@ def test_tiny_models_match_open_clip(
     for variant in ("load", "build_model"):
         if variant in group:
             what = f"{arch_name}/salt={salt}/{weights}/{variant}"
-            assert_outputs_match(ours_outputs(group[variant], images, ids), oracle, what)
+            assert_outputs_match(model_outputs(group[variant], images, ids), oracle, what)
 
 
 @pytest.mark.parametrize("salt", SALTS)
@@ -288,7 +277,7 @@ def test_build_model_rounds_like_open_clip(states, arch_name: str, salt: int) ->
     a = TINY[arch_name]
     images, ids = sample_images(a, n=5, seed=salt), token_batch("mixed-with-full-row")
     assert_outputs_match(
-        ours_outputs(ours, images, ids),
+        model_outputs(ours, images, ids),
         oracle_outputs(oracle, images, ids),
         f"{arch_name}/salt={salt}/build_model-fp16-rounded",
     )
@@ -304,7 +293,7 @@ def test_medium_models_match_open_clip(tmp_path: Path, arch_name: str) -> None:
     images = sample_images(a, n=3, seed=11)
     ids = torch.cat([token_batch("mixed-with-full-row"), token_batch("all-short")])
     assert_outputs_match(
-        ours_outputs(ours, images, ids), oracle_outputs(oracle, images, ids), arch_name
+        model_outputs(ours, images, ids), oracle_outputs(oracle, images, ids), arch_name
     )
 
 

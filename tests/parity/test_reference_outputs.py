@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import TINY, make_state_dict, state_dict_digest, write_openai_archive
+from conftest import model_outputs
 
 import clip
 
@@ -67,17 +68,6 @@ def _check_digest(sd: dict, recorded: str, arch_name: str, layout: str) -> None:
         )
 
 
-def _outputs(model, images: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        logits_per_image, logits_per_text = model(images, ids)
-        return {
-            "encode_image": model.encode_image(images),
-            "encode_text": model.encode_text(ids),
-            "logits_per_image": logits_per_image,
-            "logits_per_text": logits_per_text,
-        }
-
-
 def assert_matches_reference(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     """fp32 parity with relative tolerance ``RTOL`` (see module docstring)."""
     assert ours.dtype == torch.float32, f"{what}: dtype {ours.dtype}, reference float32"
@@ -102,7 +92,7 @@ def test_outputs_match_reference(
         # Like the reference, jit=True on a plain state dict may warn and fall back to eager.
         warnings.simplefilter("ignore", UserWarning)
         model, _ = clip.load(str(checkpoint_paths(arch_name, layout)), device="cpu", jit=jit)
-    ours = _outputs(model, ref["images"], golden["token_ids"])
+    ours = model_outputs(model, ref["images"], golden["token_ids"])
     for name in OUTPUT_NAMES:
         assert_matches_reference(ours[name], ref[name], f"{arch_name}/{layout}/jit={jit}/{name}")
 
@@ -122,7 +112,7 @@ def test_torchscript_archive_outputs_match_reference(
     model, _ = clip.load(str(path), device="cpu", jit=jit)
     assert isinstance(model, torch.jit.ScriptModule) == jit
     ref = golden["archs"][arch_name]
-    ours = _outputs(model, ref["images"], golden["token_ids"])
+    ours = model_outputs(model, ref["images"], golden["token_ids"])
     for name in OUTPUT_NAMES:
         assert_matches_reference(ours[name], ref[name], f"{arch_name}/archive/jit={jit}/{name}")
 
