@@ -70,8 +70,14 @@ def _read_archive(path: str) -> dict[str, Tensor]:
     return dict(module.state_dict())
 
 
+# Lines of torch.load's messages that explain weights_only in general, not this file.
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def _corrupt(path: str, e: Exception) -> CheckpointError:
-    reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    details = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    reason = details[-1] if details else type(e).__name__
     return CheckpointError(
         f"{path!r} is neither a TorchScript archive nor a torch.save'd state dict "
         f"(truncated or corrupt download? delete it and download again): {reason}"

@@ -147,8 +147,16 @@ def test_missing_file() -> None:
 def test_random_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "junk.pt"
     path.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="neither a TorchScript archive nor"):
+    with pytest.raises(CheckpointError, match="neither a TorchScript archive nor") as info:
         clip.load(str(path), device="cpu")
+    assert "Check the documentation" not in str(info.value)  # torch's generic advice is dropped
+
+
+def test_an_image_is_not_a_checkpoint() -> None:
+    photo = os.path.join(os.path.dirname(__file__), "data", "images", "photo.jpg")
+    with pytest.raises(CheckpointError, match=r"photo\.jpg.*corrupt download\?") as info:
+        clip.load(photo, device="cpu")
+    assert "Weights only load failed" not in str(info.value)
 
 
 @pytest.mark.parametrize("fmt", ["state_dict", "archive"])
