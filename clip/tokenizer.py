@@ -145,9 +145,12 @@ def whitespace_clean(text: str) -> str:
     return _WHITESPACE_RE.sub(" ", text).strip()
 
 
-@functools.lru_cache(maxsize=TEXT_CACHE_SIZE)
-def _clean_chunks_cached(text: str) -> tuple[str, ...]:
+def _clean_and_split(text: str) -> tuple[str, ...]:
+    """The full cleaning (ftfy, HTML, whitespace, lower case), split on spaces."""
     return tuple(whitespace_clean(basic_clean(text)).lower().split(" "))
+
+
+_clean_and_split_cached = functools.lru_cache(maxsize=TEXT_CACHE_SIZE)(_clean_and_split)
 
 
 def _clean_chunks(text: str) -> Sequence[str]:
@@ -157,8 +160,8 @@ def _clean_chunks(text: str) -> Sequence[str]:
         # the whitespace that ``\s`` matches within this character set.
         return text.lower().split()
     if len(text) <= TEXT_CACHE_MAX_CHARS:
-        return _clean_chunks_cached(text)
-    return whitespace_clean(basic_clean(text)).lower().split(" ")
+        return _clean_and_split_cached(text)
+    return _clean_and_split(text)
 
 
 class BoundedCache(OrderedDict[K, V]):
