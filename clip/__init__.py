@@ -7,7 +7,8 @@ text = clip.tokenize(["a cat", "a dog"])
 logits_per_image, logits_per_text = model(image, text)
 """
 
+from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
 
-__all__ = ["available_models", "load", "tokenize"]
+__all__ = ["available_models", "load", "save", "tokenize"]
 __version__ = "0.1.0"

@@ -1,18 +1,26 @@
-"""Reading CLIP weights from disk: OpenAI's TorchScript archives and plain state dicts."""
+"""Reading and writing CLIP weights: OpenAI's TorchScript archives, state dicts, safetensors.
+
+Nothing stored in a file is ever executed: pickles are read with ``weights_only=True``, TorchScript
+archives only for their tensors, and safetensors hold nothing but tensors. :func:`save` writes
+safetensors so that a model can be converted once and never unpickled again.
+"""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import struct
+import threading
 import warnings
 import zipfile
-from typing import Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "is_torchscript_archive", "read_checkpoint"]
+__all__ = ["CheckpointError", "is_safetensors", "is_torchscript_archive", "read_checkpoint", "save"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,7 +49,9 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, Tensor], bool]:
     """Read the weights in ``path`` onto the CPU without running code stored in the file.
 
     Args:
-        path: a TorchScript archive as OpenAI released them, or a ``torch.save``'d state dict.
+        path: a TorchScript archive as OpenAI released them, a ``torch.save``'d state dict
+            (also wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``, and with the
+            ``module.`` key prefix of DataParallel/DDP), or a safetensors file.
 
     Returns:
         ``(state_dict, is_archive)``.
@@ -55,7 +65,26 @@ def read_checkpoint(path: PathLike) -> tuple[dict[str, Tensor], bool]:
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
     if is_torchscript_archive(path):
         return _read_archive(path), True
+    if is_safetensors(path):
+        return _strip_module_prefix(_read_safetensors(path)), False
     return _read_state_dict(path), False
+
+
+def is_safetensors(path: PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file (a little-endian length, then JSON).
+
+    Args:
+        path: file to inspect; only its first 9 bytes are read.
+
+    Returns:
+        True for files written by ``safetensors`` (e.g. :func:`save`).
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len < os.path.getsize(path)
 
 
 def _read_archive(path: str) -> dict[str, Tensor]:
@@ -65,9 +94,12 @@ def _read_archive(path: str) -> dict[str, Tensor]:
             module = torch.jit.load(path, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError subclasses with long C++ traces
         raise CheckpointError(
-            f"{path!r} looks like a TorchScript archive but cannot be read: {e}"
-        ) from e
-    return dict(module.state_dict())
+            f"{path!r} looks like a TorchScript archive but cannot be read "
+            f"(truncated or corrupt download? delete it and download again): {e}"
+        ) from None
+    state_dict = dict(module.state_dict())  # detached tensors: nothing refers to the module
+    del module
+    return state_dict
 
 
 # Lines of torch.load's messages that explain weights_only in general, not this file.
@@ -85,8 +117,10 @@ def _corrupt(path: str, e: Exception) -> CheckpointError:
 
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
+    # Zip-format files (torch.save's default since 1.6) are memory-mapped, not copied into RAM.
+    mmap = {"mmap": True} if zipfile.is_zipfile(path) and _torch_load_has_mmap() else {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, **mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
@@ -98,8 +132,108 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
         ) from e
     except Exception as e:
         raise _corrupt(path, e) from e
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    return _strip_module_prefix(_unwrap(obj, path))
+
+
+# Keys under which training scripts commonly nest the model's state dict.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _unwrap(obj: object, path: str) -> dict[str, Tensor]:
+    """The state dict in ``obj``: ``obj`` itself, or ``obj[key]`` for a training-script wrapper."""
+    if _is_state_dict(obj):
+        return dict(obj)  # type: ignore[call-overload]
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key])
+    kind = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else None
+    raise CheckpointError(
+        f"{path!r} does not hold a state dict (a dict of tensors, possibly under one of the keys "
+        f"{list(_WRAPPER_KEYS)}); got {kind or type(obj).__name__}. Save the weights with "
+        "torch.save(model.state_dict(), path) or clip.save(model, path)"
+    )
+
+
+def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Keys without the ``module.`` prefix that DataParallel and DDP add to every key."""
+    while state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _torch_load_has_mmap() -> bool:
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 1)
+
+
+def _safetensors_torch() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(
+            "reading or writing .safetensors files needs the optional safetensors package: "
+            "pip install 'clip-torch[safetensors]'"
+        ) from None
+    return safetensors.torch
+
+
+def _read_safetensors(path: str) -> dict[str, Tensor]:
+    st = _safetensors_torch()
+    try:
+        return dict(st.load_file(path, device="cpu"))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
         raise CheckpointError(
-            f"{path!r} does not hold a state dict (a dict of tensors); got {type(obj).__name__}"
+            f"{path!r} looks like a safetensors file but cannot be read "
+            f"(truncated or corrupt? write it again with clip.save): {e}"
+        ) from e
+
+
+def save(model_or_state_dict: Union[torch.nn.Module, Mapping[str, Tensor]], path: PathLike) -> None:
+    """Write CLIP weights to ``path`` as safetensors, atomically; ``clip.load(path)`` reads them.
+
+    The file holds OpenAI's state-dict key names and the tensors' own dtypes (a model loaded on
+    CUDA keeps OpenAI's fp16 weights in fp16; one loaded on CPU is all fp32). No code is stored,
+    so loading it never unpickles anything. Needs the ``safetensors`` extra.
+
+    Args:
+        model_or_state_dict: a :class:`clip.model.CLIP` (also wrapped in DataParallel/DDP, or the
+            TorchScript module of ``clip.load(..., jit=True)``), or its state dict.
+        path: destination; written to a temporary file beside it and renamed into place.
+
+    Raises:
+        ImportError: if safetensors is not installed.
+        TypeError: if the argument holds no tensors to save.
+    """
+    obj = model_or_state_dict
+    raw = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    if not _is_state_dict(raw):
+        raise TypeError(
+            "clip.save expects a model or a state dict (a non-empty dict of str -> Tensor), "
+            f"got {type(obj).__name__}"
         )
-    return obj
+    tensors = {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(dict(raw)).items()}
+    _write_atomically(tensors, os.fspath(path))
+
+
+def _write_atomically(tensors: dict[str, Tensor], path: str) -> None:
+    st = _safetensors_torch()
+    directory = os.path.dirname(os.path.abspath(path))
+    # A name no other writer uses; safetensors creates it with the usual (umask) permissions.
+    unique = f".{os.getpid()}-{threading.get_ident()}.tmp"
+    tmp = os.path.join(directory, os.path.basename(path) + unique)
+    try:
+        st.save_file(tensors, tmp, metadata={"format": "pt", "producer": "clip-torch"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
