@@ -1,0 +1,174 @@
+"""clip.checkpoint: safetensors, clip.save, wrappers, mmap and refusing code-carrying pickles."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pickle
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import TINY, make_state_dict
+from conftest import sample_images, sample_text
+
+import clip
+from clip import checkpoint
+from clip.checkpoint import CheckpointError, read_checkpoint
+from clip.clip import settle_dtype
+from clip.model import build_from_state_dict
+
+
+def outputs(model: torch.nn.Module, arch_name: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(sample_images(TINY[arch_name]), sample_text())[0]
+
+
+def test_safetensors_round_trip_gives_equal_outputs(
+    tiny_files: dict, arch_name: str, tmp_path: Path
+) -> None:
+    original, _ = clip.load(str(tiny_files[arch_name]["archive"]), device="cpu")
+    clip.save(original, tmp_path / "model.safetensors")
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left
+    loaded, preprocess = clip.load(str(tmp_path / "model.safetensors"), device="cpu")
+    assert torch.equal(outputs(loaded, arch_name), outputs(original, arch_name))
+    assert preprocess.transforms[1].size == (TINY[arch_name].image_resolution,) * 2
+
+
+def test_save_keeps_openai_keys_and_the_models_dtypes(tmp_path: Path) -> None:
+    sd = make_state_dict(TINY["tiny-rn"])
+    model = settle_dtype(build_from_state_dict(sd), torch.device("cuda"))  # OpenAI's fp16 mix
+    clip.save(model, tmp_path / "mixed.safetensors")
+    read, is_archive = read_checkpoint(tmp_path / "mixed.safetensors")
+    assert not is_archive and set(read) == set(model.state_dict())
+    assert {k: v.dtype for k, v in read.items()} == {
+        k: v.dtype for k, v in model.state_dict().items()
+    }
+    assert torch.float16 in {v.dtype for v in read.values()}
+
+
+def test_save_accepts_state_dicts_and_data_parallel_and_replaces_atomically(
+    tmp_path: Path,
+) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    path = tmp_path / "w.pt"  # recognised by content, whatever the extension
+    path.write_bytes(b"old contents")
+    clip.save(torch.nn.DataParallel(build_from_state_dict(sd)), path)
+    read, _ = read_checkpoint(path)
+    assert set(read) == set(sd) and all(torch.equal(read[k], sd[k]) for k in sd)
+    clip.save(sd, path)
+    assert os.listdir(tmp_path) == ["w.pt"]
+    with pytest.raises(TypeError, match="a model or a state dict"):
+        clip.save({"visual.proj": "not a tensor"}, tmp_path / "bad.safetensors")  # type: ignore[dict-item]
+    assert os.listdir(tmp_path) == ["w.pt"]
+
+
+def test_missing_safetensors_package_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    clip.save(sd, tmp_path / "w.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    for action in (lambda: clip.save(sd, tmp_path / "x.safetensors"),
+                   lambda: read_checkpoint(tmp_path / "w.safetensors")):  # fmt: skip
+        with pytest.raises(ImportError, match=r"pip install 'clip-torch\[safetensors\]'"):
+            action()
+
+
+def test_a_truncated_safetensors_file(tmp_path: Path) -> None:
+    clip.save(make_state_dict(TINY["tiny-vit"]), tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"w\.safetensors.*clip\.save"):
+        read_checkpoint(tmp_path / "w.safetensors")
+
+
+# ---- what training scripts save -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"state_dict": sd, "epoch": 3, "optimizer": {"lr": 0.1, "step": [1, 2]}},
+        lambda sd: {"model": sd, "step": 10},
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1},
+    ],
+    ids=["state_dict", "model", "module-prefix", "both"],
+)
+def test_training_wrappers_are_unwrapped(tmp_path: Path, wrap: object) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    torch.save(wrap(sd), tmp_path / "ckpt.pt")  # type: ignore[operator]
+    model, _ = clip.load(str(tmp_path / "ckpt.pt"), device="cpu")
+    assert torch.equal(outputs(model, "tiny-vit"), outputs(build_from_state_dict(sd), "tiny-vit"))
+
+
+def test_a_dict_without_weights_names_its_keys(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "lr": torch.tensor(0.1), "notes": "x"}, tmp_path / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"\['epoch', 'lr', 'notes'\].*clip\.save"):
+        read_checkpoint(tmp_path / "meta.pt")
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple:
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        lambda sd: {**sd, "visual.proj": _RunsCode()},
+        lambda sd: {"state_dict": sd, "args": argparse.Namespace(lr=0.1)},
+    ],
+    ids=["runs-code", "namespace-in-wrapper"],
+)
+def test_pickles_carrying_objects_are_refused(tmp_path: Path, payload: object) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    torch.save(payload(sd), tmp_path / "evil.pt", pickle_module=pickle)  # type: ignore[operator]
+    with pytest.raises(CheckpointError, match=r"(\.system|Namespace).*refused"):
+        read_checkpoint(tmp_path / "evil.pt")
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+
+def test_zip_state_dicts_are_memory_mapped_and_legacy_ones_still_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    seen: list[dict] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real_load(*a, **kw))
+    for name in ("zip.pt", "legacy.pt"):
+        read, _ = read_checkpoint(tmp_path / name)
+        assert all(torch.equal(read[k], sd[k]) for k in sd)
+    assert [kw.get("mmap") for kw in seen] == [True, None]
+    assert all(kw["weights_only"] for kw in seen)
+
+
+def test_no_reference_to_the_torchscript_module_is_kept(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs: list[weakref.ref] = []
+    real_load = torch.jit.load
+
+    def spy(*args: object, **kwargs: object) -> torch.jit.ScriptModule:
+        module = real_load(*args, **kwargs)  # type: ignore[arg-type]
+        refs.append(weakref.ref(module))
+        return module
+
+    monkeypatch.setattr(torch.jit, "load", spy)
+    state_dict, is_archive = read_checkpoint(tiny_files["tiny-vit"]["archive"])
+    gc.collect()
+    assert is_archive and len(refs) == 1 and refs[0]() is None
+    assert "visual.proj" in state_dict
+
+
+def test_checkpoint_module_has_no_safetensors_import_at_import_time() -> None:
+    assert "safetensors" not in checkpoint.__dict__
