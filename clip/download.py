@@ -27,6 +27,7 @@ import hashlib
 import http.client
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -223,11 +224,15 @@ def _fetch_verified(url: str, target: str, expected: str, options: _Options) -> 
     """Fill ``target + '.partial'`` from ``url``, verify it, and rename it to ``target``."""
     partial = target + ".partial"
     resumed = os.path.isfile(partial) and os.path.getsize(partial) > 0
-    got = _fill(url, target, options)
-    if got != expected and resumed:  # the old partial may hold someone else's bytes
-        logger.info("resumed download of %s failed verification; starting over", url)
-        os.remove(partial)
+    try:
         got = _fill(url, target, options)
+        if got != expected and resumed:  # the old partial may hold someone else's bytes
+            logger.info("resumed download of %s failed verification; starting over", url)
+            os.remove(partial)
+            got = _fill(url, target, options)
+    finally:  # keep a partial worth resuming, but not an empty one
+        if os.path.isfile(partial) and os.path.getsize(partial) == 0:
+            os.remove(partial)
     if got != expected:
         os.remove(partial)
         raise DownloadError(
@@ -295,7 +300,10 @@ def _attempt(url: str, out: IO[bytes], bar: tqdm, timeout: float) -> None:
             raise _Transient(f"HTTP {e.code} {e.reason}") from e
         raise DownloadError(f"{url} answered HTTP {e.code} {e.reason}") from e
     except (OSError, http.client.HTTPException) as e:  # URLError, resets, timeouts
-        raise _Transient(str(getattr(e, "reason", e)) or type(e).__name__) from e
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLCertVerificationError):  # retrying will not help
+            raise DownloadError(f"{url}: {reason}") from e
+        raise _Transient(str(reason) or type(e).__name__) from e
     if end is not None and out.tell() < end:
         raise _Transient(f"connection closed after {out.tell()} of {end} bytes")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import TINY
 from conftest import sample_images, sample_text
 from flaky_server import Fault, FlakyServer
 
@@ -186,6 +187,7 @@ def test_not_found_fails_at_once(server: FlakyServer, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="HTTP 404"):
         download(f"{server.url}/models/{'0' * 64}/M.pt", str(tmp_path), progress=False)
     assert len(server.hits) == 1
+    assert listing(tmp_path) == []
 
 
 def test_stalled_server_times_out_instead_of_hanging(server: FlakyServer, tmp_path: Path) -> None:
@@ -290,8 +292,6 @@ def tiny_release(
 
 
 def encoded(model: torch.nn.Module) -> torch.Tensor:
-    from checkpoints import TINY
-
     with torch.no_grad():
         return model(sample_images(TINY["tiny-vit"]), sample_text())[0]
 
@@ -353,27 +353,28 @@ def run_python(code: str, **env: str) -> subprocess.Popen:
 
 def test_two_processes_download_once(tiny_release: tuple[FlakyServer, str], tmp_path: Path) -> None:
     server, url = tiny_release
+    torch.save((sample_images(TINY["tiny-vit"]), sample_text()), tmp_path / "inputs.pt")
     code = f"""
         import os, time, torch, clip
         from clip import download
-        from conftest import sample_images, sample_text
-        from checkpoints import TINY
         download.MODELS["tiny-vit"] = {url!r}
         open(os.environ["READY"], "w").close()
-        while len(os.listdir({str(tmp_path / "ready")!r})) < 2:
+        while len(os.listdir({str(tmp_path / "ready")!r})) < 2:  # start both loads together
             time.sleep(0.01)
         model, _ = clip.load("tiny-vit", device="cpu", download_root={str(tmp_path / "cache")!r})
+        images, texts = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
-            print(model(sample_images(TINY["tiny-vit"]), sample_text())[0].sum().item())
+            torch.save(model(images, texts)[0], os.environ["READY"] + ".out")
     """
     (tmp_path / "ready").mkdir()
     procs = [run_python(code, READY=str(tmp_path / "ready" / str(i))) for i in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
-    in_process, _ = clip.load("tiny-vit", device="cpu", download_root=str(tmp_path / "cache"))
-    assert [float(out) for out, _ in outs] == [encoded(in_process).sum().item()] * 2
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
     assert len(server.hits) == 1
     assert listing(tmp_path / "cache") == ["tiny-vit.pt"]
+    in_process, _ = clip.load("tiny-vit", device="cpu", download_root=str(tmp_path / "cache"))
+    for i in range(2):
+        assert torch.equal(torch.load(tmp_path / "ready" / f"{i}.out"), encoded(in_process))
 
 
 def test_a_killed_download_leaves_nothing_trusted(server: FlakyServer, tmp_path: Path) -> None:
