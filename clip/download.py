@@ -16,7 +16,7 @@ Environment variables (arguments win over them):
 - ``CLIP_MODEL_BASE_URL``: a mirror; it replaces everything before ``<sha256>/<file>`` in the URL.
 - ``CLIP_QUIET=1``: no progress bar.
 - ``CLIP_DOWNLOAD_TIMEOUT``: seconds without a byte before a read is abandoned (default 60).
-- ``CLIP_DOWNLOAD_RETRIES``: attempts after the first on transient errors (default 5).
+- ``CLIP_DOWNLOAD_RETRIES``: retries in a row that bring no new bytes before giving up (default 5).
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def download(
             not set.
         timeout: seconds without receiving a byte before an attempt is abandoned (default
             ``$CLIP_DOWNLOAD_TIMEOUT`` or 60).
-        retries: attempts after the first on transient errors (default ``$CLIP_DOWNLOAD_RETRIES``
-            or 5).
+        retries: attempts after the first on transient errors, counting only attempts that
+            brought no new bytes (default ``$CLIP_DOWNLOAD_RETRIES`` or 5).
 
     Returns:
         Path of the verified file.
@@ -182,13 +182,14 @@ def download(
                 "downloading it again",
                 stacklevel=2,
             )
-            os.remove(target)
         if _env_flag("CLIP_OFFLINE"):
             raise DownloadError(_not_here(target, _mirrored(url), "$CLIP_OFFLINE is set"))
         if timeout is None:
             timeout = _env_number("CLIP_DOWNLOAD_TIMEOUT", _TIMEOUT_S)
         if retries is None:
             retries = int(_env_number("CLIP_DOWNLOAD_RETRIES", _RETRIES))
+        if retries < 0 or timeout <= 0:
+            raise ValueError(f"need retries >= 0 and timeout > 0, got {retries} and {timeout}")
         options = _Options(timeout, retries, _show_progress(progress))
         _fetch_verified(_mirrored(url), target, expected, options)
     return target
@@ -201,9 +202,10 @@ def _show_progress(progress: Optional[bool]) -> bool:
 
 
 def _not_here(target: str, url: str, why: str) -> str:
-    name = os.path.basename(target)
+    name, sha = os.path.basename(target), expected_sha256(url)
     return (
-        f"{why}, and the model file {name!r} is not in {os.path.dirname(target)!r}. "
+        f"{why}, and the model file {name!r} with SHA256 {sha} is not in "
+        f"{os.path.dirname(target)!r}. "
         f"To use it offline, download {url} on a machine with network access and copy it to "
         f"{target!r} (its SHA256 is checked, so it must be the exact released file); or set "
         "$CLIP_MODEL_BASE_URL to a mirror that serves <sha256>/<file name>"
@@ -246,15 +248,18 @@ def _fetch_verified(url: str, target: str, expected: str, options: _Options) -> 
 def _fill(url: str, target: str, options: _Options) -> str:
     """Complete ``target``'s partial file (resuming, retrying); return the SHA256 of its bytes."""
     with open(target + ".partial", "ab+") as out, _bar(url, options.progress) as bar:
-        for attempt in range(options.retries + 1):
+        failures = 0  # consecutive attempts that brought no new bytes
+        while True:
+            before = out.seek(0, os.SEEK_END)
             try:
                 _attempt(url, out, bar, options.timeout)
                 break
             except _Transient as e:
-                if attempt == options.retries:
-                    why = f"{url} could not be downloaded ({attempt + 1} attempts; last: {e})"
+                failures = 1 if out.tell() > before else failures + 1
+                if failures > options.retries:
+                    why = f"{url} could not be downloaded ({failures} attempts; last: {e})"
                     raise DownloadError(_not_here(target, url, why)) from e
-                wait = min(_BACKOFF_S * 2**attempt, _BACKOFF_MAX_S)
+                wait = min(_BACKOFF_S * 2 ** (failures - 1), _BACKOFF_MAX_S)
                 logger.warning("download of %s interrupted (%s); retrying in %.1fs", url, e, wait)
                 time.sleep(wait)
         out.flush()
@@ -320,7 +325,7 @@ def _position(response: http.client.HTTPResponse, out: IO[bytes], offset: int) -
 
 
 def _stream(response: http.client.HTTPResponse, out: IO[bytes], bar: tqdm) -> None:
-    for chunk in iter(lambda: response.read(_CHUNK), b""):
+    for chunk in iter(lambda: response.read1(_CHUNK), b""):  # what has arrived, up to 1 MiB
         out.write(chunk)
         bar.update(len(chunk))
 
