@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -173,6 +174,21 @@ def test_quiet_by_default_when_not_a_terminal(
 ) -> None:
     download(publish(server, b"x" * 1000), str(tmp_path))
     assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_gets_a_bar_unless_clip_quiet(
+    server: FlakyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    url = publish(server, b"x" * 1000)
+    for quiet, shown in (("", True), ("1", False)):
+        monkeypatch.setenv("CLIP_QUIET", quiet)
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        download(url, str(tmp_path / quiet), timeout=5)
+        assert ("M.pt" in sys.stderr.getvalue()) is shown  # type: ignore[attr-defined]
 
 
 def test_transient_http_errors_are_retried(server: FlakyServer, tmp_path: Path) -> None:
