@@ -850,7 +850,12 @@ class CLIP(nn.Module):
             Text embeddings [B, E], not normalised.
         """
         self._check_text(text)
-        x, eot = self._text_tokens(text, trim=not torch.jit.is_tracing())
+        return self._pooled_text(text, trim=not torch.jit.is_tracing())
+
+    def _pooled_text(self, text: Tensor, trim: bool) -> Tensor:
+        """Unchecked :meth:`encode_text`; ``trim=False`` keeps the graph free of data-dependent
+        shapes (tracing, ONNX export)."""
+        x, eot = self._text_tokens(text, trim)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
         return pooled @ self.text_projection
 
