@@ -9,6 +9,15 @@ logits_per_image, logits_per_text = model(image, text)
 
 from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
+from clip.export import export_onnx
+from clip.model import attention_heatmap
 
-__all__ = ["available_models", "load", "save", "tokenize"]
+__all__ = [
+    "attention_heatmap",
+    "available_models",
+    "export_onnx",
+    "load",
+    "save",
+    "tokenize",
+]
 __version__ = "0.1.0"

@@ -33,6 +33,9 @@ def load(
     device: Optional[Device] = None,
     jit: bool = False,
     download_root: Optional[Union[str, os.PathLike[str]]] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    resolution: Optional[int] = None,
 ) -> tuple[Union[CLIP, torch.jit.ScriptModule], Preprocess]:
     """Load a CLIP model and its image preprocessing.
 
@@ -46,6 +49,13 @@ def load(
             :class:`clip.model.CLIP`. A plain state dict with ``jit=True`` warns and loads eagerly.
         download_root: cache directory for named models (default ``$CLIP_CACHE_DIR`` or
             ``~/.cache/clip``).
+        dtype: ``None`` for the default above; ``torch.float32`` for fp32 everywhere;
+            ``torch.float16`` or ``torch.bfloat16`` for OpenAI's mixed layout in that dtype
+            (convolutions, linear layers and projections in it; LayerNorm, BatchNorm and
+            embeddings fp32), on any device. Inputs to ``encode_*`` are cast to it.
+        resolution: input side in pixels, if not the checkpoint's: the vision positional
+            embedding is resized (see :meth:`clip.model.CLIP.resize_input`) and the returned
+            preprocess produces images of this size.
 
     Returns:
         ``(model, preprocess)``: the model in eval mode, and a transform mapping a PIL image to
@@ -54,8 +64,11 @@ def load(
     Raises:
         RuntimeError: if ``name`` is neither a known model nor an existing file, or ``device``
             is not available on this machine.
+        ValueError: if ``dtype`` is not one of the above, or ``resolution`` not a multiple of
+            the patch size (ViT) or of 32 (ResNet).
     """
     device = _usable_device(device)
+    _check_dtype(dtype)
     state_dict, is_archive = read_checkpoint(_resolve(name, download_root))
     if jit and not is_archive:
         warnings.warn(
@@ -63,7 +76,9 @@ def load(
             stacklevel=2,
         )
         jit = False
-    model = settle_dtype(build_from_state_dict(state_dict), device).to(device)
+    model = settle_dtype(build_from_state_dict(state_dict), device, dtype).to(device)
+    if resolution is not None:
+        model.resize_input(resolution)
     preprocess = transform(model.visual.input_resolution)
     return (_trace(model) if jit else model), preprocess
 
@@ -110,11 +125,33 @@ def _resolve(
     )
 
 
-def settle_dtype(model: CLIP, device: torch.device) -> CLIP:
-    """OpenAI's mixed fp16 precision for CUDA, fp32 for every other device ("cpu", "mps"...)."""
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(dtype: Optional[torch.dtype]) -> None:
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(
+            f"dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}"
+        )
+
+
+def settle_dtype(model: CLIP, device: torch.device, dtype: Optional[torch.dtype] = None) -> CLIP:
+    """Put ``model`` in its working precision, in place.
+
+    ``dtype=None``: OpenAI's mixed fp16 precision for CUDA, fp32 for every other device ("cpu",
+    "mps"...). ``torch.float32``: fp32. ``torch.float16``/``torch.bfloat16``: the mixed layout of
+    :func:`clip.model.convert_weights` in that dtype, whatever the device.
+    """
+    _check_dtype(dtype)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = model.float()
-    if device.type == "cuda":
+    if dtype != torch.float32:
         convert_weights(model)
+    if dtype == torch.bfloat16:
+        for tensor in model.parameters():
+            if tensor.dtype == torch.float16:
+                tensor.data = tensor.data.to(torch.bfloat16)
     return model
 
 

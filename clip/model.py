@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,10 @@ __all__ = [
     "ModifiedResNet",
     "QuickGELU",
     "ResidualAttentionBlock",
+    "TextTokens",
     "Transformer",
     "VisionTransformer",
+    "attention_heatmap",
     "build_model",
     "convert_weights",
 ]
@@ -147,6 +149,27 @@ class ResidualAttentionBlock(nn.Module):
             return None
         return self.attn_mask[:length, :length].to(dtype)
 
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """Attention probabilities softmax(QK^T / sqrt(d) + mask) of this block, per head.
+
+        Computed separately from :meth:`attention` (which stays fused), in fp32, from the weights
+        of ``attn`` (``in_proj_weight``/``in_proj_bias``).
+
+        Args:
+            x: the block's input [L, N, D] (before ``ln_1``).
+
+        Returns:
+            [N, H, L, L] float32; row i holds the weights query i gives every key, summing to 1.
+        """
+        length, batch, width = x.shape
+        heads = self.attn.num_heads
+        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).float()
+        qkv = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
+        q, k = qkv[0], qkv[1]  # each [N, H, L, D/H]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(width // heads)  # [N, H, L, L]
+        mask = self._sliced_mask(length, torch.float32)
+        return (scores if mask is None else scores + mask).softmax(dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
         """[L, N, D] → [L, N, D]."""
         x = x + self.attention(self.ln_1(x))
@@ -175,6 +198,79 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[L, N, D] → [L, N, D]."""
         return self.resblocks(x)
+
+    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Outputs of chosen blocks; blocks after the last one asked for are not run.
+
+        Args:
+            x: [L, N, D] input of the first block.
+            layers: block indices (negative ones count from the end); ``None`` for all.
+
+        Returns:
+            One [L, N, D] tensor per requested index, in the order asked.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        indices = layer_indices(layers, self.layers, "transformer")
+        outputs: dict[int, Tensor] = {}
+        for i, block in enumerate(self.resblocks[: max(indices, default=-1) + 1]):
+            x = block(x)
+            outputs[i] = x
+        return [outputs[i] for i in indices]
+
+    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Per-head attention weights of chosen blocks (see ``attention_weights`` of a block).
+
+        Args:
+            x: [L, N, D] input of the first block.
+            layers: block indices (negative ones count from the end); ``None`` for all.
+
+        Returns:
+            One [N, H, L, L] float32 tensor per requested index, in the order asked.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        indices = layer_indices(layers, self.layers, "transformer")
+        maps: dict[int, Tensor] = {}
+        for i, block in enumerate(self.resblocks[: max(indices, default=-1) + 1]):
+            if i in indices:
+                maps[i] = cast(ResidualAttentionBlock, block).attention_weights(x)
+            x = block(x)
+        return [maps[i] for i in indices]
+
+
+def layer_indices(layers: Optional[Sequence[int]], count: int, what: str) -> list[int]:
+    """Validate block indices against ``count`` blocks and make them non-negative.
+
+    Args:
+        layers: indices in ``[-count, count)``; ``None`` means every block in order.
+        count: number of blocks.
+        what: name of the stack, for the error message.
+
+    Returns:
+        The indices, non-negative, in the order given.
+
+    Raises:
+        TypeError: if ``layers`` is not a sequence of ints.
+        ValueError: if it is empty or an index is out of range.
+    """
+    if layers is None:
+        return list(range(count))
+    if isinstance(layers, (int, str, bytes)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
+        raise TypeError(f"layers must be a sequence of ints such as [-1] or [3, 7], got {layers!r}")
+    if len(layers) == 0:
+        raise ValueError("layers is empty; pass at least one block index, or None for all")
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        raise ValueError(
+            f"layer index {bad[0]} is out of range for the {what} with {count} blocks; "
+            f"use 0..{count - 1}, or -{count}..-1 to count from the end"
+        )
+    return [i % count for i in layers]
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,20 +312,62 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → all tokens after ``ln_post`` [B, 1+G*G, D], class token first."""
+    def embed(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → the first block's input [B, 1+G*G, D] (after ``ln_pre``)."""
         x = self.conv1(x)  # [B, D, G, G]
         x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+G*G, D]
-        x = self.ln_pre(x)
+        return self.ln_pre(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images [B, 3, R, R] → all tokens after ``ln_post`` [B, 1+G*G, D], class token first."""
+        x = self.embed(x)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, 1+G*G, D]
         return self.ln_post(x)
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         """Tokens [B, 1 + G*G, D] → class token projected [B, E] (or [B, D] if ``proj`` is None)."""
-        x = tokens[:, 0, :]
-        return x if self.proj is None else x @ self.proj
+        return self.project(tokens[:, 0, :])
+
+    def project(self, tokens: Tensor) -> Tensor:
+        """Tokens [..., D] → [..., E] through ``proj`` (unchanged if ``proj`` is None)."""
+        return tokens if self.proj is None else tokens @ self.proj
+
+    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Images [B, 3, R, R] → outputs of the chosen blocks, each [B, 1+G*G, D] (no ``ln_post``).
+
+        Raises:
+            ValueError: if a block index is out of range.
+        """
+        outputs = self.transformer.forward_layers(self.embed(x).transpose(0, 1), layers)
+        return [y.transpose(0, 1) for y in outputs]
+
+    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Images [B, 3, R, R] → attention weights of the chosen blocks, each [B, H, T, T] fp32.
+
+        T = 1 + G*G; token 0 is the class token, then the patches in row-major order.
+
+        Raises:
+            ValueError: if a block index is out of range.
+        """
+        return self.transformer.attention_maps(self.embed(x).transpose(0, 1), layers)
+
+    def resize_input(self, resolution: int) -> None:
+        """Adapt, in place, to square inputs of side ``resolution``.
+
+        The patch-grid part of ``positional_embedding`` is resized bicubically (in fp32, then cast
+        back); the class-token row is kept. At the current resolution nothing changes.
+
+        Raises:
+            ValueError: if ``resolution`` is not a positive multiple of the patch size.
+        """
+        patch = self.conv1.kernel_size[0]
+        _check_resolution(resolution, patch, "the ViT patch size")
+        self.positional_embedding = _resized_positions(
+            self.positional_embedding, resolution // patch
+        )
+        self.input_resolution = resolution
 
     def forward(self, x: Tensor) -> Tensor:
         """Images [B, 3, R, R] → embeddings [B, E]."""
@@ -310,13 +448,36 @@ class AttentionPool2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Feature map [B, C, h, w] → pooled embedding [B, output_dim]."""
         x = self.tokens(x)
+        return self.attend(x[:, :1], x)[:, 0]
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Feature map [B, C, h, w] → every token used as a query [B, 1+h*w, output_dim].
+
+        Token 0 (the mean token) is the pooled embedding :meth:`forward` returns.
+        """
+        x = self.tokens(x)
+        return self.attend(x, x)
+
+    def attend(self, queries: Tensor, x: Tensor) -> Tensor:
+        """Multi-head attention of ``queries`` [B, Q, C] over tokens ``x`` [B, T, C] → [B, Q, E]."""
         batch, length, width = x.shape
-        heads = self.num_heads
-        q = self.q_proj(x[:, :1]).view(batch, 1, heads, -1).transpose(1, 2)  # [B, H, 1, C/H]
-        k = self.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, 1+hw, C/H]
+        heads, n = self.num_heads, queries.shape[1]
+        q = self.q_proj(queries).view(batch, n, heads, -1).transpose(1, 2)  # [B, H, Q, C/H]
+        k = self.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, T, C/H]
         v = self.v_proj(x).view(batch, length, heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, C/H]
-        return self.c_proj(y.transpose(1, 2).reshape(batch, width))
+        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, C/H]
+        return self.c_proj(y.transpose(1, 2).reshape(batch, n, width))
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """Feature map [B, C, h, w] → attention weights, every token a query [B, H, T, T] fp32.
+
+        T = 1 + h*w; row 0 is the mean token's query, the one that produces the pooled output.
+        """
+        x = self.tokens(x)
+        batch, length, _ = x.shape
+        q = self.q_proj(x).float().view(batch, length, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(x).float().view(batch, length, self.num_heads, -1).transpose(1, 2)
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
 
 
 class ModifiedResNet(nn.Module):
@@ -385,6 +546,73 @@ class ModifiedResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images [B, 3, R, R] → embeddings [B, E]."""
         return self.forward_head(self.forward_features(x))
+
+    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Images [B, 3, R, R] → outputs of the chosen stages (``layer1``..``layer4`` are 0..3).
+
+        Stage i gives [B, 4*width*2^i, R/(4*2^i), R/(4*2^i)]; stages after the last asked are
+        not run.
+
+        Raises:
+            ValueError: if a stage index is out of range.
+        """
+        indices = layer_indices(layers, 4, "ResNet (stages layer1..layer4)")
+        x = self.stem(x.to(self.conv1.weight.dtype))
+        outputs: dict[int, Tensor] = {}
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        for i, stage in enumerate(stages[: max(indices) + 1]):
+            x = stage(x)
+            outputs[i] = x
+        return [outputs[i] for i in indices]
+
+    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Images → the attention pool's weights, every token a query: [[B, H, T, T]] fp32.
+
+        The pool is the ResNet's only attention layer, so ``layers`` may only name it (0 or -1).
+
+        Raises:
+            ValueError: if ``layers`` names another layer.
+        """
+        indices = layer_indices(layers, 1, "ResNet attention pool (a single layer)")
+        weights = self.attnpool.attention_weights(self.forward_features(x))
+        return [weights for _ in indices]
+
+    def resize_input(self, resolution: int) -> None:
+        """Adapt, in place, to square inputs of side ``resolution``.
+
+        The spatial part of ``attnpool.positional_embedding`` is resized bicubically (in fp32,
+        then cast back); the mean-token row is kept. At the current resolution nothing changes.
+
+        Raises:
+            ValueError: if ``resolution`` is not a positive multiple of 32.
+        """
+        _check_resolution(resolution, 32, "the ResNet's total stride")
+        pool = self.attnpool
+        pool.positional_embedding = _resized_positions(pool.positional_embedding, resolution // 32)
+        self.input_resolution = resolution
+
+
+def _check_resolution(resolution: int, multiple: int, what: str) -> None:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    if resolution % multiple:
+        low = max(multiple, resolution // multiple * multiple)
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of {multiple} ({what}); "
+            f"use e.g. {low} or {low + multiple}"
+        )
+
+
+def _resized_positions(pos: nn.Parameter, grid: int) -> nn.Parameter:
+    """[1 + g*g, D] positional embedding → [1 + grid*grid, D]: row 0 kept, the g x g grid
+    resized bicubically (align_corners=False) in fp32, then cast back to ``pos``'s dtype."""
+    old = math.isqrt(pos.shape[0] - 1)
+    with torch.no_grad():
+        cells = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
+        cells = F.interpolate(cells, size=(grid, grid), mode="bicubic", align_corners=False)
+        cells = cells.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)  # [G*G, D]
+        resized = torch.cat([pos[:1], cells])  # [1 + G*G, D]
+    return nn.Parameter(resized, requires_grad=pos.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,6 +735,85 @@ class CLIP(nn.Module):
         self._check_image(image)
         return self.visual(image.to(self.dtype))
 
+    def encode_image_tokens(self, image: Tensor, *, project: bool = False) -> Tensor:
+        """Every token of the image tower, on the path :meth:`encode_image` pools from.
+
+        ViT: all tokens after ``ln_post`` [B, 1+G*G, D] (class token first, then the G x G
+        patches row by row); with ``project=True`` multiplied by ``visual.proj`` → [B, 1+G*G, E],
+        whose token 0 is ``encode_image(image)``. Nothing is L2-normalised.
+
+        ResNet: the sequence the attention pool attends over [B, 1+h*w, C] (the feature map's
+        mean token, then the h x h spatial features row by row, positional embedding added; no
+        normalisation); with ``project=True`` the attention pool run with every token as a query
+        (then ``c_proj``) → [B, 1+h*w, E], whose token 0 is ``encode_image(image)``. The feature
+        map itself is ``model.visual.forward_features(image)``.
+
+        Args:
+            image: [B, 3, R, R], as for :meth:`encode_image`.
+            project: map the tokens into the joint embedding space.
+
+        Returns:
+            Tokens [B, 1+G*G, D or E] (G = R / patch for ViTs, R / 32 for ResNets).
+        """
+        self._check_image(image)
+        image = image.to(self.dtype)
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            tokens = visual.forward_features(image)
+            return visual.project(tokens) if project else tokens
+        features = visual.forward_features(image)
+        return (
+            visual.attnpool.forward_tokens(features)
+            if project
+            else visual.attnpool.tokens(features)
+        )
+
+    def encode_image_layers(
+        self, image: Tensor, layers: Optional[Sequence[int]] = None
+    ) -> list[Tensor]:
+        """Outputs of chosen blocks of the image tower (nothing after the last one is run).
+
+        ViT: transformer blocks (``visual.transformer.resblocks``), each output [B, 1+G*G, D],
+        before ``ln_post``. ResNet: the four stages ``layer1``..``layer4`` (indices 0..3), each
+        a feature map [B, C_i, h_i, w_i].
+
+        Args:
+            image: [B, 3, R, R], as for :meth:`encode_image`.
+            layers: indices, negative ones counting from the end; ``None`` for all.
+
+        Returns:
+            One tensor per index, in the order asked.
+
+        Raises:
+            ValueError: if an index is out of range (the message gives the valid range).
+        """
+        self._check_image(image)
+        return self.visual.forward_layers(image.to(self.dtype), layers)
+
+    def image_attention(
+        self, image: Tensor, layers: Optional[Sequence[int]] = None
+    ) -> list[Tensor]:
+        """Per-head attention weights of the image tower, computed only when called.
+
+        ViT: each chosen block's softmax(QK^T / sqrt(d)) [B, H, T, T], T = 1+G*G, token 0 the
+        class token. ResNet: the attention pool is the only layer (``layers`` 0 or -1); its
+        weights with every token as a query [B, H, T, T], T = 1+h*w, row 0 the pooling query.
+        Weights are float32 and each row sums to 1. Turn them into a heat map with
+        :func:`attention_heatmap`.
+
+        Args:
+            image: [B, 3, R, R], as for :meth:`encode_image`.
+            layers: indices, negative ones counting from the end; ``None`` for all.
+
+        Returns:
+            One [B, H, T, T] tensor per index, in the order asked.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        self._check_image(image)
+        return self.visual.attention_maps(image.to(self.dtype), layers)
+
     def _check_image(self, image: Tensor) -> None:
         if torch.jit.is_tracing():
             return
@@ -543,15 +850,89 @@ class CLIP(nn.Module):
             Text embeddings [B, E], not normalised.
         """
         self._check_text(text)
-        eot = text.argmax(dim=-1)  # [B]
-        if not torch.jit.is_tracing() and text.shape[0] > 0:
-            text = text[:, : int(eot.max()) + 1]
-        x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
-        x = x + self.positional_embedding[: text.shape[1]].to(self.dtype)
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, L, D]
-        x = self.ln_final(x).to(self.dtype)
+        return self._pooled_text(text, trim=not torch.jit.is_tracing())
+
+    def _pooled_text(self, text: Tensor, trim: bool) -> Tensor:
+        """Unchecked :meth:`encode_text`; ``trim=False`` keeps the graph free of data-dependent
+        shapes (tracing, ONNX export)."""
+        x, eot = self._text_tokens(text, trim)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
         return pooled @ self.text_projection
+
+    def _text_tokens(self, text: Tensor, trim: bool) -> TextTokens:
+        """Unchecked text tower up to ``ln_final``: [B, L] ids → ([B, L', D], EOT index [B]).
+
+        With ``trim`` only the first ``max EOT + 1`` columns are run (L' ≤ L): the causal mask
+        makes those columns independent of the rest. Without it (export, per-token outputs)
+        L' = L.
+        """
+        eot = text.argmax(dim=-1)  # [B]
+        if trim and text.shape[0] > 0:
+            text = text[:, : int(eot.max()) + 1]
+        x = self._embed_text(text)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, L', D]
+        return TextTokens(self.ln_final(x).to(self.dtype), eot)
+
+    def _embed_text(self, text: Tensor) -> Tensor:
+        """[B, L] ids → the first block's input [B, L, D] (token + positional embedding)."""
+        x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
+        return x + self.positional_embedding[: text.shape[1]].to(self.dtype)
+
+    def encode_text_tokens(self, text: Tensor, *, project: bool = False) -> TextTokens:
+        """Every token of the text tower, on the path :meth:`encode_text` pools from.
+
+        Runs all L columns given (no trimming), so every position has a feature; positions after
+        a row's end-of-text token see only that row's padding and the tokens before it.
+
+        Args:
+            text: [B, L] token ids, as for :meth:`encode_text`.
+            project: multiply by ``text_projection`` → [B, L, E]; then
+                ``tokens[arange(B), eot]`` is ``encode_text(text)``. Nothing is L2-normalised.
+
+        Returns:
+            ``TextTokens(tokens, eot)``: features after ``ln_final`` [B, L, D] (or [B, L, E]),
+            and the end-of-text position of each row [B] (the argmax of the ids), the token
+            :meth:`encode_text` pools.
+        """
+        self._check_text(text)
+        tokens, eot = self._text_tokens(text, trim=False)
+        return TextTokens(tokens @ self.text_projection if project else tokens, eot)
+
+    def encode_text_layers(
+        self, text: Tensor, layers: Optional[Sequence[int]] = None
+    ) -> list[Tensor]:
+        """Outputs of chosen text transformer blocks, each [B, L, D] (before ``ln_final``).
+
+        Args:
+            text: [B, L] token ids, as for :meth:`encode_text`.
+            layers: indices, negative ones counting from the end; ``None`` for all.
+
+        Returns:
+            One [B, L, D] tensor per index, in the order asked.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        self._check_text(text)
+        x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
+        return [y.transpose(0, 1) for y in self.transformer.forward_layers(x, layers)]
+
+    def text_attention(self, text: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """Per-head causal attention weights of chosen text blocks, computed only when called.
+
+        Args:
+            text: [B, L] token ids, as for :meth:`encode_text`.
+            layers: indices, negative ones counting from the end; ``None`` for all.
+
+        Returns:
+            One [B, H, L, L] float32 tensor per index; rows sum to 1, zero above the diagonal.
+
+        Raises:
+            ValueError: if an index is out of range.
+        """
+        self._check_text(text)
+        x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
+        return self.transformer.attention_maps(x, layers)
 
     def _check_text(self, text: Tensor) -> None:
         if torch.jit.is_tracing():
@@ -583,6 +964,29 @@ class CLIP(nn.Module):
 
     # ---- both -------------------------------------------------------------------------------
 
+    def resize_input(self, resolution: int) -> CLIP:
+        """Adapt the image tower, in place, to square inputs of side ``resolution``.
+
+        ViT: the patch-grid positional embedding is resized bicubically, the class-token row
+        kept; ``resolution`` must be a multiple of the patch size. ResNet: the attention pool's
+        positional embedding likewise; ``resolution`` must be a multiple of 32. The other weights
+        are untouched, ``visual.input_resolution`` becomes ``resolution``, and at the current
+        resolution the model is unchanged. Build the matching preprocessing with
+        ``clip.preprocess.transform(resolution)``; ``copy.deepcopy(model)`` first to keep the
+        original. The resized embedding is a new ``nn.Parameter``: create optimizers after this.
+
+        Args:
+            resolution: the new input side in pixels.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            ValueError: if ``resolution`` is not a valid multiple.
+        """
+        self.visual.resize_input(resolution)
+        return self
+
     def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """Scaled cosine similarities between images and texts.
 
@@ -599,6 +1003,50 @@ class CLIP(nn.Module):
         text_features = text_features / text_features.norm(dim=1, keepdim=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+class TextTokens(NamedTuple):
+    """Per-token text features and the end-of-text position of each row."""
+
+    tokens: Tensor
+    """[B, L, D] after ``ln_final`` (or [B, L, E] projected)."""
+    eot: Tensor
+    """[B] int64: index of each row's end-of-text token (its largest id)."""
+
+
+def attention_heatmap(attentions: Sequence[Tensor], size: Optional[int] = None) -> Tensor:
+    """Class-token attention over the image grid, averaged over layers and heads.
+
+    Args:
+        attentions: weights from :meth:`CLIP.image_attention`, each [B, H, 1+G*G, 1+G*G];
+            pass the last layers' (e.g. ``layers=[-1]``) for the usual picture.
+        size: if given, bilinearly upsample to [B, size, size] (e.g. the input resolution).
+
+    Returns:
+        [B, G, G] float32, each map summing to 1 (token 0's weights on the patches,
+        renormalised), or [B, size, size] upsampled from it.
+
+    Raises:
+        ValueError: if ``attentions`` is empty, of mixed shapes, or not over a square grid.
+    """
+    if len(attentions) == 0:
+        raise ValueError("attentions is empty; pass model.image_attention(image, layers=[-1])")
+    shape = attentions[0].shape
+    if any(a.shape != shape for a in attentions) or len(shape) != 4 or shape[-1] != shape[-2]:
+        raise ValueError(
+            f"expected attention weights of one shape [B, H, T, T], got "
+            f"{[list(a.shape) for a in attentions]}"
+        )
+    grid = math.isqrt(shape[-1] - 1)
+    if grid * grid != shape[-1] - 1:
+        raise ValueError(f"{shape[-1]} tokens are not a class token plus a square grid")
+    cls = torch.stack([a.float() for a in attentions])[..., 0, 1:].mean(dim=(0, 2))  # [B, G*G]
+    heat = (cls / cls.sum(dim=-1, keepdim=True)).view(-1, grid, grid)  # [B, G, G]
+    if size is None:
+        return heat
+    return F.interpolate(heat[:, None], size=(size, size), mode="bilinear", align_corners=False)[
+        :, 0
+    ]
 
 
 def _check_device(x: Tensor, weight: Tensor, what: str) -> None:

@@ -1,0 +1,148 @@
+"""ONNX export of CLIP's two towers (needs the optional ``onnx`` extra)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from clip.model import CLIP
+
+__all__ = ["OnnxFiles", "export_onnx"]
+
+# Above this many bytes of weights a tower is saved with an external data file (protobuf's
+# 2 GiB limit), as ``<name>.onnx.data`` beside ``<name>.onnx``.
+_EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+class OnnxFiles(NamedTuple):
+    """Paths written by :func:`export_onnx`."""
+
+    visual: Path
+    textual: Path
+
+
+class _Visual(nn.Module):
+    """image [B, 3, R, R] float32 → image_features [B, E]: ``encode_image`` without checks."""
+
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.visual = model.visual
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.visual(image)
+
+
+class _Textual(nn.Module):
+    """text [B, L] int64 → text_features [B, E]: ``encode_text`` without checks or trimming."""
+
+    def __init__(self, model: CLIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: Tensor) -> Tensor:
+        return self.model._pooled_text(text, trim=False)
+
+
+def export_onnx(
+    model: CLIP, directory: Union[str, os.PathLike[str]], *, opset: Optional[int] = None
+) -> OnnxFiles:
+    """Write the image and text towers as ``visual.onnx`` and ``textual.onnx``.
+
+    ``visual.onnx``: input ``image`` float32 [batch, 3, R, R] (as from ``preprocess``), output
+    ``image_features`` float32 [batch, E] = ``encode_image``. ``textual.onnx``: input ``text``
+    int64 [batch, context_length] (``clip.tokenize(...).long()``), output ``text_features``
+    float32 [batch, E] = ``encode_text``; the exported graph always runs the full context and
+    pools at the argmax (end-of-text) token. The batch size is dynamic in both. Features are not
+    normalised. The export runs in fp32 on the CPU (on a copy when ``model`` is elsewhere, in
+    another dtype, or in training mode; ``model`` itself is not changed). Each file appears
+    complete or not at all.
+
+    Args:
+        model: a :class:`clip.model.CLIP` (not a ``jit=True`` TorchScript module).
+        directory: where to write; created if missing; existing files of those names replaced.
+        opset: ONNX opset version (default: the exporter's).
+
+    Returns:
+        ``OnnxFiles(visual, textual)``: the paths written.
+
+    Raises:
+        ImportError: if ``onnx`` or ``onnxscript`` is missing (``pip install 'clip-torch[onnx]'``).
+        TypeError: if ``model`` is not a :class:`clip.model.CLIP`.
+    """
+    _require_exporter()
+    if not isinstance(model, CLIP):
+        raise TypeError(
+            f"export_onnx needs a clip.model.CLIP, got {type(model).__name__}; "
+            "load it with clip.load(..., jit=False)"
+        )
+    model = _fp32_cpu_eval(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    res = model.visual.input_resolution
+    image = torch.zeros(2, 3, res, res)
+    text = torch.zeros(2, model.context_length, dtype=torch.long)
+    text[:, 1] = model.vocab_size - 1  # an end-of-text token (the row's largest id)
+    visual = _export(_Visual(model), image, "image", "image_features", out, "visual", opset)
+    textual = _export(_Textual(model), text, "text", "text_features", out, "textual", opset)
+    return OnnxFiles(visual, textual)
+
+
+def _require_exporter() -> None:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"clip.export_onnx needs {' and '.join(missing)}; install the optional extra with "
+            "pip install 'clip-torch[onnx]' (it also brings onnxruntime to run the files)"
+        )
+
+
+def _fp32_cpu_eval(model: CLIP) -> CLIP:
+    """``model`` if it is already fp32, on the CPU and in eval mode, else such a copy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    ready = not any(m.training for m in model.modules()) and all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point())
+        for t in tensors
+    )
+    return model if ready else copy.deepcopy(model).float().cpu().eval()
+
+
+def _export(
+    module: nn.Module,
+    example: Tensor,
+    input_name: str,
+    output_name: str,
+    directory: Path,
+    name: str,
+    opset: Optional[int],
+) -> Path:
+    """Export ``module`` to ``directory/name.onnx`` through a temporary folder, then move."""
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=directory))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter chatter, not the caller's to fix
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(staging / f"{name}.onnx"),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes={input_name: {0: torch.export.Dim("batch")}},
+                opset_version=opset,
+                external_data=size > _EXTERNAL_DATA_BYTES,
+                verbose=False,
+            )
+        for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):
+            os.replace(path, directory / path.name)  # the .onnx last, after its data
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory / f"{name}.onnx"
