@@ -14,11 +14,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
+
+import clip
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
@@ -124,3 +127,33 @@ def test_committed_notebooks_have_no_outputs(name: str) -> None:
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
+
+
+def notebook_cell(name: str, marker: str) -> str:
+    """The source of the one code cell of a committed notebook that contains ``marker``."""
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    found = [c.source for c in notebook.cells if c.cell_type == "code" and marker in c.source]
+    assert len(found) == 1, f"{name}: {len(found)} code cells contain {marker!r}"
+    return found[0]
+
+
+def test_evaluation_is_skipped_with_a_message_without_imagenet_dir(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    source = notebook_cell(NOTEBOOK_NAMES[1], 'os.environ.get("IMAGENET_DIR")')
+    exec(source, {"os": os})  # the skip branch needs nothing the earlier cells define
+    assert "Skipping the evaluation: set IMAGENET_DIR" in capsys.readouterr().out
+
+
+def test_evaluation_maps_both_folder_layouts_to_class_indices() -> None:
+    namespace = {"classnames": clip.imagenet_classes, "os": os, "torch": torch}
+    exec(notebook_cell(NOTEBOOK_NAMES[1], "def class_indices"), namespace)
+    class_indices = namespace["class_indices"]
+    assert class_indices(["0", "1", "281"]).tolist() == [0, 1, 281]
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    assert class_indices(wnids).tolist() == list(range(1000))
+    with pytest.raises(ValueError, match="needs all 1000"):
+        class_indices(["n01440764", "n01443537"])
+    with pytest.raises(ValueError, match="not a class index"):
+        class_indices(["0", "1000"])
