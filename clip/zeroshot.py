@@ -110,7 +110,7 @@ def _summed_unit_embeddings(
     progress: bool,
 ) -> tuple[Tensor, torch.dtype]:
     """Sum over each class's prompts of the normalised prompt embeddings [C, E] (fp32)."""
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # shortest prompts first
+    order = torch.sort(tokens.argmax(dim=-1), stable=True).indices  # shortest prompts first
     owner = order // n_templates  # class index of each sorted prompt
     n_classes = tokens.shape[0] // n_templates
     encode_text = cast(Callable[[Tensor], Tensor], model.encode_text)
