@@ -7,17 +7,32 @@ text = clip.tokenize(["a cat", "a dog"])
 logits_per_image, logits_per_text = model(image, text)
 """
 
+from clip import zeroshot as _zeroshot
 from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
 from clip.export import export_onnx
 from clip.model import attention_heatmap
+from clip.zeroshot import zero_shot_classifier
 
 __all__ = [
     "attention_heatmap",
     "available_models",
     "export_onnx",
+    "imagenet_classes",
+    "imagenet_templates",
+    "imagenet_templates_short",
     "load",
     "save",
     "tokenize",
+    "zero_shot_classifier",
 ]
 __version__ = "0.1.0"
+
+_LAZY_DATA = ("imagenet_classes", "imagenet_templates", "imagenet_templates_short")
+
+
+def __getattr__(name: str) -> list[str]:
+    """Published data (``imagenet_classes`` ...), read from package data on first access."""
+    if name in _LAZY_DATA:
+        return getattr(_zeroshot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
