@@ -3,9 +3,10 @@
 A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry. This is the only
 module that prints. Exit codes:
 
-* 0 — success (for ``embed``: something was embedded, or everything already was);
-* 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or no
-  input could be embedded (every image unreadable);
+* 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
+  the output holds at least one row;
+* 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or
+  nothing could be embedded or classified (every image unreadable);
 * 2 — usage error: bad arguments, an input that does not exist, no images found;
 * 130 — interrupted (Ctrl-C); ``embed`` first saves what it finished.
 """
@@ -172,7 +173,7 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     _report(args, err, len(keys), len(done_keys), failed)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if keys else EXIT_FAILURE
+    return EXIT_OK if keys or done_keys else EXIT_FAILURE
 
 
 def _images(inputs: Sequence[str]) -> list[str]:
@@ -282,7 +283,7 @@ def _classify(
     paths = _images(args.images)
     model = _load(args)
     classifier, names = _classifier(model, labels, args)  # [D, C]
-    scale = model.logit_scale.exp().float()
+    scale = torch.as_tensor(model.logit_scale).detach().float().exp().cpu()
     failed: list[tuple[str, str]] = []
     any_ok = False
     for batch in pipeline.iter_image_batches(
