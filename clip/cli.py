@@ -60,15 +60,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--model", default="ViT-B/32", help="model name or checkpoint file (ViT-B/32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"({batch_size})")
+    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: cuda if any)")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=batch_size,
+        metavar="N",
+        help=f"images or texts per forward pass ({batch_size})",
+    )
     p.add_argument(
         "--workers",
         type=_non_negative_int,
         default=_default_workers(),
+        metavar="N",
         help=f"image decoding processes, 0 decodes in the main one ({_default_workers()})",
     )
-    p.add_argument("--cache-dir", help="where named models are downloaded (default ~/.cache/clip)")
+    p.add_argument(
+        "--cache-dir", metavar="DIR", help="where named models are downloaded (~/.cache/clip)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
 
