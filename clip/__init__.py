@@ -7,7 +7,26 @@ text = clip.tokenize(["a cat", "a dog"])
 logits_per_image, logits_per_text = model(image, text)
 """
 
+from clip import zeroshot as _zeroshot
 from clip.clip import available_models, load, tokenize
+from clip.zeroshot import zero_shot_classifier
 
-__all__ = ["available_models", "load", "tokenize"]
+__all__ = [
+    "available_models",
+    "imagenet_classes",
+    "imagenet_templates",
+    "imagenet_templates_short",
+    "load",
+    "tokenize",
+    "zero_shot_classifier",
+]
 __version__ = "0.1.0"
+
+_LAZY_DATA = ("imagenet_classes", "imagenet_templates", "imagenet_templates_short")
+
+
+def __getattr__(name: str) -> list[str]:
+    """Published data (``imagenet_classes`` ...), read from package data on first access."""
+    if name in _LAZY_DATA:
+        return getattr(_zeroshot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,56 +1,345 @@
-"""Command line: ``clip classify`` (zero-shot labels for images) and ``clip models``.
+"""Command line: ``clip embed``, ``clip classify`` and ``clip models``.
 
-A thin layer over :func:`clip.load` and :func:`clip.tokenize`; all output goes through argparse's
-stdout/stderr here, never from library code.
+A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry. This is the only
+module that prints. Exit codes:
+
+* 0 — success (for ``embed``: something was embedded, or everything already was);
+* 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or no
+  input could be embedded (every image unreadable);
+* 2 — usage error: bad arguments, an input that does not exist, no images found;
+* 130 — interrupted (Ctrl-C); ``embed`` first saves what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
-from PIL import Image
 
+from clip import pipeline
 from clip.clip import load
-from clip.download import available_models
+from clip.download import MODELS, default_cache_dir
 from clip.tokenizer import tokenize
+
+Printer = Callable[[str], None]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A problem with the command line itself (exit code 2)."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clip", description="CLIP from the command line.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list the released model names")
-    classify = sub.add_parser("classify", help="zero-shot labels for images")
-    classify.add_argument("images", nargs="+", help="image files")
-    classify.add_argument("--labels", required=True, help='comma-separated, e.g. "a dog,a cat"')
-    classify.add_argument("--model", default="ViT-B/32", help="model name or checkpoint file")
-    classify.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: auto)")
-    classify.add_argument("--top-k", type=int, default=3, help="labels to print per image")
+    parser = argparse.ArgumentParser(
+        prog="clip",
+        description="CLIP from the command line: embed images or captions, zero-shot classify.",
+        epilog="exit codes: 0 success, 1 runtime failure, 2 usage error, 130 interrupted",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_embed(sub)
+    _add_classify(sub)
+    models = sub.add_parser(
+        "models",
+        help="list the released models and which are in the cache",
+        description=(
+            "List the released model names; 'present' marks those whose file is in the cache "
+            "directory (checked by name, not hashed: clip.load verifies on use)."
+        ),
+    )
+    models.add_argument(
+        "--cache-dir", help="cache directory (default $CLIP_CACHE_DIR or ~/.cache/clip)"
+    )
     return parser
 
 
+def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--model", default="ViT-B/32", help="model name or checkpoint file (ViT-B/32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--batch-size", type=_positive, default=batch_size, help=f"({batch_size})")
+    p.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=_default_workers(),
+        help=f"image decoding processes, 0 decodes in the main one ({_default_workers()})",
+    )
+    p.add_argument("--cache-dir", help="where named models are downloaded (default ~/.cache/clip)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+
+
+def _add_embed(sub: Any) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="images or captions to normalised embeddings (.npy or .parquet)",
+        description=(
+            "Embed images (files, folders searched recursively, glob patterns) or, with --text, "
+            "captions (one per line) into L2-normalised float32 vectors. OUT.npy gets a sidecar "
+            "OUT.rows.txt naming each row; OUT.parquet gets columns path (or text) and embedding. "
+            "Rerunning with the same --out embeds only inputs not already in it and appends. "
+            "Unreadable images are skipped and listed on stderr."
+        ),
+    )
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders or globs")
+    p.add_argument("--out", "-o", required=True, help="output file: .npy or .parquet")
+    p.add_argument("--text", metavar="CAPTIONS.txt", help="embed the lines of this file instead")
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode large JPEGs at reduced size (faster, not bit-exact)",
+    )
+    _common(p, batch_size=64)
+
+
+def _add_classify(sub: Any) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="zero-shot labels for images",
+        description="Print the top-k labels with probabilities for each image.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or globs")
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated prompts, e.g. "a dog,a cat"')
+    labels.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="the 1000 ImageNet classes with the 80 prompt templates",
+    )
+    p.add_argument("--top-k", type=_positive, default=3, help="labels to print per image (3)")
+    _common(p, batch_size=64)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    root = os.path.expanduser(args.cache_dir) if args.cache_dir else default_cache_dir()
+    width = max(map(len, MODELS))
+    for name, url in MODELS.items():
+        path = os.path.join(root, os.path.basename(url))
+        status = f"present  {path}" if os.path.isfile(path) else "-"
+        out(f"{name:<{width}}  {status}")
+    return EXIT_OK
+
+
+# ---- embed ----------------------------------------------------------------------------------
+
+
+def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
+    if bool(args.inputs) == bool(args.text):
+        raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
+    key_name = "text" if args.text else "path"
+    inputs = _captions(args.text) if args.text else _images(args.inputs)
+    done_keys, done = _existing(args.out)
+    seen = set(done_keys)
+    todo = [k for k in inputs if k not in seen]
+    if not todo:
+        _say(args, err, f"nothing to do: all {len(inputs)} inputs are already in {args.out}")
+        return EXIT_OK
+    model = _load(args)
+    if args.text:
+        keys, new, failed, interrupted = _embed_texts(model, todo, args)
+    else:
+        keys, new, failed, interrupted = _embed_image_files(model, todo, args)
+    if keys:
+        if done.numel() and done.shape[1] != new.shape[1]:
+            raise RuntimeError(
+                f"{args.out} holds {done.shape[1]}-dim embeddings but this model gives "
+                f"{new.shape[1]}; write to another --out"
+            )
+        pipeline.save_embeddings(args.out, [*done_keys, *keys], _cat(done, new), key_name)
+    _report(args, err, len(keys), len(done_keys), failed)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if keys else EXIT_FAILURE
+
+
+def _images(inputs: Sequence[str]) -> list[str]:
+    try:
+        paths = pipeline.find_images(inputs)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    if not paths:
+        raise UsageError(f"no images found in {', '.join(inputs)}")
+    return paths
+
+
+def _captions(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except FileNotFoundError as e:
+        raise UsageError(f"no such file: {path!r}") from e
+    captions = list(dict.fromkeys(line for line in lines if line))  # each caption once, in order
+    if not captions:
+        raise UsageError(f"{path} has no captions (one per line)")
+    return captions
+
+
+def _existing(out: str) -> tuple[list[str], torch.Tensor]:
+    """What an earlier run left in ``out`` (nothing if it does not exist)."""
+    if os.path.splitext(out)[1].lower() not in (".npy", ".parquet"):
+        raise UsageError(f"--out must end in .npy or .parquet, got {out!r}")
+    if not os.path.exists(out):
+        return [], torch.empty(0, 0)
+    return pipeline.load_embeddings(out)
+
+
+def _cat(done: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    return torch.cat([done, new]) if done.numel() else new
+
+
+def _embed_image_files(
+    model: torch.nn.Module, paths: list[str], args: argparse.Namespace
+) -> tuple[list[str], torch.Tensor, list[tuple[str, str]], bool]:
+    """Embed, keeping every finished batch if interrupted: (keys, embeddings, failed, stopped)."""
+    batches: list[pipeline.ImageBatch] = []
+    stream = pipeline.iter_image_batches(
+        model,
+        paths,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        fast_decode=args.fast_decode,
+        progress=_progress(args),
+    )
+    try:
+        batches.extend(stream)
+    except KeyboardInterrupt:
+        return *_joined(batches), True
+    return *_joined(batches), False
+
+
+def _joined(
+    batches: list[pipeline.ImageBatch],
+) -> tuple[list[str], torch.Tensor, list[tuple[str, str]]]:
+    embeddings = torch.cat([b.embeddings for b in batches]) if batches else torch.empty(0, 0)
+    paths = [p for b in batches for p in b.paths]
+    return paths, embeddings, [f for b in batches for f in b.failed]
+
+
+def _embed_texts(
+    model: torch.nn.Module, captions: list[str], args: argparse.Namespace
+) -> tuple[list[str], torch.Tensor, list[tuple[str, str]], bool]:
+    """Embed captions; ones longer than the context are reported, not fatal."""
+    context = int(getattr(model, "context_length", 77))
+    fits, failed = [], []
+    for caption in captions:
+        try:
+            tokenize(caption, context_length=context)
+            fits.append(caption)
+        except RuntimeError as e:
+            failed.append((caption, str(e)))
+    try:
+        embeddings = pipeline.embed_texts(
+            model, fits, batch_size=args.batch_size, progress=_progress(args)
+        )
+    except KeyboardInterrupt:
+        return [], torch.empty(0, 0), failed, True
+    return fits, embeddings, failed, False
+
+
+def _report(
+    args: argparse.Namespace, err: Callable[[str], None], n_new: int, n_old: int, failed: list
+) -> None:
+    what = "captions" if args.text else "images"
+    kept = f" ({n_old} already there)" if n_old else ""
+    _say(args, err, f"embedded {n_new} {what} into {args.out}{kept}")
+    if failed:
+        err(f"clip: skipped {len(failed)} {what} that could not be embedded:")
+        for key, reason in failed:
+            err(f"  {key}: {reason}")
+
+
+# ---- classify -------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def _classify(args: argparse.Namespace) -> int:
+def _classify(
+    args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str], None]
+) -> int:
+    labels = _labels(args)
+    paths = _images(args.images)
+    model = _load(args)
+    classifier, names = _classifier(model, labels, args)  # [D, C]
+    scale = model.logit_scale.exp().float()
+    failed: list[tuple[str, str]] = []
+    any_ok = False
+    for batch in pipeline.iter_image_batches(
+        model, paths, batch_size=args.batch_size, num_workers=args.workers, progress=_progress(args)
+    ):
+        failed.extend(batch.failed)
+        if not batch.paths:
+            continue
+        any_ok = True
+        probs = (scale * batch.embeddings @ classifier).softmax(dim=-1)  # [n, C]
+        top = probs.topk(min(args.top_k, len(names)), dim=-1)
+        for path, values, indices in zip(batch.paths, top.values.tolist(), top.indices.tolist()):
+            out(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(values, indices)))
+    for path, reason in failed:
+        err(f"clip: skipped {path}: {reason}")
+    return EXIT_OK if any_ok else EXIT_FAILURE
+
+
+def _labels(args: argparse.Namespace) -> Optional[list[str]]:
+    if args.imagenet:
+        return None
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if not labels:
-        print("clip: --labels needs at least one label", file=sys.stderr)
-        return 2
-    model, preprocess = load(args.model, device=args.device)
-    device = next(model.parameters()).device
-    text = model.encode_text(tokenize(labels).to(device))
-    text = text / text.norm(dim=-1, keepdim=True)
-    for path in args.images:
-        image = preprocess(Image.open(path)).unsqueeze(0).to(device)
-        features = model.encode_image(image)
-        features = features / features.norm(dim=-1, keepdim=True)
-        probs = (model.logit_scale.exp() * features @ text.t()).softmax(dim=-1)[0]
-        top = probs.topk(min(args.top_k, len(labels)))
-        shown = ", ".join(f"{labels[i]} {p:.3f}" for p, i in zip(top.values.tolist(), top.indices))
-        print(f"{path}: {shown}")
-    return 0
+        raise UsageError("--labels needs at least one label")
+    return labels
+
+
+def _classifier(
+    model: torch.nn.Module, labels: Optional[list[str]], args: argparse.Namespace
+) -> tuple[torch.Tensor, list[str]]:
+    """Normalised class embeddings [D, C] (float32, CPU) and the class names."""
+    if labels is not None:
+        text = pipeline.embed_texts(model, labels, batch_size=args.batch_size)  # [C, D]
+        return text.t(), labels
+    import clip  # the ImageNet names, templates and ensembling live in the package root
+
+    weights = clip.zero_shot_classifier(
+        model, clip.imagenet_classes, clip.imagenet_templates, batch_size=args.batch_size
+    )
+    return weights.float().cpu(), list(clip.imagenet_classes)
+
+
+# ---- shared ---------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> torch.nn.Module:
+    model, _ = load(args.model, device=args.device, download_root=args.cache_dir)
+    return model
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _say(args: argparse.Namespace, err: Callable[[str], None], message: str) -> None:
+    if not args.quiet:
+        err(f"clip: {message}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -60,14 +349,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The process exit code.
+        The process exit code (0 success, 1 runtime failure, 2 usage error, 130 interrupted).
     """
-    args = _parser().parse_args(argv)
-    if args.command == "models":
-        print("\n".join(available_models()))
-        return 0
+    parser = _parser()
     try:
-        return _classify(args)
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"clip: error: {e}", file=sys.stderr)
-        return 1
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage (code 2) or help (code 0)
+        return int(e.code or 0)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    def err(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        if args.command == "models":
+            return _models(args, out)
+        if args.command == "embed":
+            return _embed(args, err)
+        return _classify(args, out, err)
+    except UsageError as e:
+        err(f"clip {args.command}: error: {e}")
+        return EXIT_USAGE
+    except (OSError, RuntimeError, ValueError, ImportError) as e:
+        err(f"clip {args.command}: error: {_one_line(e)}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        err("clip: interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
