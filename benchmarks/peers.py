@@ -81,7 +81,7 @@ def open_clip_peer(model_name: str, sd: dict[str, Tensor], device: str, half: bo
 
 
 def hf_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """OpenAI ViT-CLIP keys → transformers ``CLIPModel`` keys (q/k/v split, projections transposed)."""
+    """OpenAI ViT-CLIP keys → transformers ``CLIPModel`` keys (q/k/v split, projections .t())."""
     out = {"logit_scale": sd["logit_scale"]}
     for tower, src, dst in (("text", "", "text_model."), ("vision", "visual.", "vision_model.")):
         blocks = {k for k in sd if k.startswith(f"{src}transformer.resblocks.")}

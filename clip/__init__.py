@@ -9,6 +9,7 @@ logits_per_image, logits_per_text = model(image, text)
 
 from clip import zeroshot as _zeroshot
 from clip.clip import available_models, load, tokenize
+from clip.optimize import optimize
 from clip.zeroshot import zero_shot_classifier
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "imagenet_templates",
     "imagenet_templates_short",
     "load",
+    "optimize",
     "tokenize",
     "zero_shot_classifier",
 ]

@@ -129,6 +129,9 @@ def quantize_int8(model: CLIP) -> CLIP:
         # torch.ao.quantization announces its move to torchao; the API still works.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*quantized tensor creation", category=UserWarning
+        )
         from torch.ao.quantization import quantize_dynamic
 
         quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
