@@ -3,9 +3,10 @@
 A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry. This is the only
 module that prints. Exit codes:
 
-* 0 — success (for ``embed``: something was embedded, or everything already was);
-* 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or no
-  input could be embedded (every image unreadable);
+* 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
+  the output holds at least one row;
+* 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or
+  nothing could be embedded or classified (every image unreadable);
 * 2 — usage error: bad arguments, an input that does not exist, no images found;
 * 130 — interrupted (Ctrl-C); ``embed`` first saves what it finished.
 """
@@ -60,10 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--model", default="ViT-B/32", help="model name or checkpoint file (ViT-B/32)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--batch-size", type=_positive, default=batch_size, help=f"({batch_size})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"({batch_size})")
     p.add_argument(
         "--workers",
-        type=_non_negative,
+        type=_non_negative_int,
         default=_default_workers(),
         help=f"image decoding processes, 0 decodes in the main one ({_default_workers()})",
     )
@@ -108,18 +109,18 @@ def _add_classify(sub: Any) -> None:
         action="store_true",
         help="the 1000 ImageNet classes with the 80 prompt templates",
     )
-    p.add_argument("--top-k", type=_positive, default=3, help="labels to print per image (3)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels to print per image (3)")
     _common(p, batch_size=64)
 
 
-def _positive(text: str) -> int:
+def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
     return value
 
 
-def _non_negative(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
@@ -158,21 +159,22 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
         _say(args, err, f"nothing to do: all {len(inputs)} inputs are already in {args.out}")
         return EXIT_OK
     model = _load(args)
+    width = pipeline.embedding_width(model)
+    if done_keys and done.shape[1] != width:
+        raise RuntimeError(
+            f"{args.out} holds {done.shape[1]}-dim embeddings but this model gives {width}; "
+            "write to another --out"
+        )
     if args.text:
         keys, new, failed, interrupted = _embed_texts(model, todo, args)
     else:
         keys, new, failed, interrupted = _embed_image_files(model, todo, args)
     if keys:
-        if done.numel() and done.shape[1] != new.shape[1]:
-            raise RuntimeError(
-                f"{args.out} holds {done.shape[1]}-dim embeddings but this model gives "
-                f"{new.shape[1]}; write to another --out"
-            )
         pipeline.save_embeddings(args.out, [*done_keys, *keys], _cat(done, new), key_name)
     _report(args, err, len(keys), len(done_keys), failed)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if keys else EXIT_FAILURE
+    return EXIT_OK if keys or done_keys else EXIT_FAILURE
 
 
 def _images(inputs: Sequence[str]) -> list[str]:
@@ -282,7 +284,7 @@ def _classify(
     paths = _images(args.images)
     model = _load(args)
     classifier, names = _classifier(model, labels, args)  # [D, C]
-    scale = model.logit_scale.exp().float()
+    scale = torch.as_tensor(model.logit_scale).detach().float().exp().cpu()
     failed: list[tuple[str, str]] = []
     any_ok = False
     for batch in pipeline.iter_image_batches(

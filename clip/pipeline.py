@@ -33,6 +33,7 @@ __all__ = [
     "ImageBatch",
     "embed_images",
     "embed_texts",
+    "embedding_width",
     "find_images",
     "input_resolution",
     "iter_image_batches",
@@ -192,10 +193,15 @@ def _call(model: torch.nn.Module, method: str, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _empty(model: torch.nn.Module) -> torch.Tensor:
-    """[0, D]: no rows, the model's embedding width (0 if it cannot be told)."""
+def embedding_width(model: torch.nn.Module) -> int:
+    """D, the width of the model's embeddings (0 if it cannot be told)."""
     projection = getattr(model, "text_projection", None)
-    return torch.empty(0, projection.shape[1] if projection is not None else 0)
+    return int(projection.shape[1]) if isinstance(projection, torch.Tensor) else 0
+
+
+def _empty(model: torch.nn.Module) -> torch.Tensor:
+    """[0, D]: no rows, the model's embedding width."""
+    return torch.empty(0, embedding_width(model))
 
 
 def _normalised(features: torch.Tensor) -> torch.Tensor:
@@ -230,7 +236,7 @@ def iter_image_batches(
     loader = DataLoader(
         _ImageFiles(paths, preprocess, res if fast_decode else None),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=min(num_workers, -(-len(paths) // batch_size)),  # no idle workers
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
