@@ -470,6 +470,7 @@ def parse(argv: Optional[list[str]]) -> Settings:
         "--only", default="1,2,3,4,5", help="comma-separated workload numbers (default all)"
     )
     s = parser.parse_args(argv)
+    s.argv = sys.argv[1:] if argv is None else argv
     s.reps = 1 if s.quick else 3
     s.only = {int(w) for w in s.only.split(",")}
     s.dtype = torch.float16 if s.device == "cuda" else torch.float32
@@ -548,10 +549,7 @@ def render(s: Settings, tables: list[Table]) -> str:
     head += [f"- {m}: {g:.2f} GFLOP per image" for m, g in s.gflop.items()]
     head += [
         "",
-        "Command: `python benchmarks/run.py"
-        + (" --quick" if s.quick else "")
-        + (f" --device {s.device}" if s.device != "cpu" else "")
-        + "`",
+        "Command: `python benchmarks/run.py " + " ".join(s.argv) + "`",
         "",
     ]
     return "\n".join(head + [t.markdown() for t in tables])
