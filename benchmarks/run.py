@@ -15,7 +15,8 @@ memory" issue):
 5. load time and peak RSS for a ViT-L/14-sized checkpoint, each in a fresh process;
 6. ``--device cuda``: workloads 1–3 on the GPU in fp16.
 
-Usage (about 8 minutes on 2 cores; ``--quick`` about 2)::
+Usage (the full suite is sized for under 10 minutes on a quiet 2-core CPU — it took 14 on one
+shared with four other jobs; ``--quick`` takes a few minutes)::
 
     python benchmarks/run.py [--quick] [--device cuda] [--threads N] [--out benchmarks/RESULTS.md]
 
@@ -510,7 +511,7 @@ def run_workloads(s: Settings, ref: Any, tmp: Path) -> list[Table]:
         if 1 in s.only and s.device == "cpu":
             print(optins.header())
             opt_ins(s, model_name, sd, optins)
-    result = [tables.pop("image"), optins, *tables.values()]
+    result = [t for t in (tables.pop("image"), optins, *tables.values()) if t.rows]
     if s.fast_decode is not None:
         result.append(s.fast_decode)
     if 5 in s.only and s.device == "cpu":
