@@ -12,6 +12,7 @@ from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
 from clip.export import export_onnx
 from clip.model import attention_heatmap
+from clip.optimize import optimize
 from clip.zeroshot import zero_shot_classifier
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "imagenet_templates",
     "imagenet_templates_short",
     "load",
+    "optimize",
     "save",
     "tokenize",
     "zero_shot_classifier",

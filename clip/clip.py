@@ -76,7 +76,11 @@ def load(
             stacklevel=2,
         )
         jit = False
-    model = settle_dtype(build_from_state_dict(state_dict), device, dtype).to(device)
+    model = build_from_state_dict(state_dict)
+    # Drop our reference to the file's tensors: the model then holds the only one, and the upcast
+    # in settle_dtype frees each fp16 original as soon as its fp32 copy exists (peak ≈ 1 copy).
+    del state_dict
+    model = settle_dtype(model, device, dtype).to(device)
     if resolution is not None:
         model.resize_input(resolution)
     preprocess = transform(model.visual.input_resolution)

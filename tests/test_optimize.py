@@ -1,0 +1,87 @@
+"""The opt-ins of clip.optimize: what each changes, and how far each moves the outputs.
+
+Deviation bounds are relative to the largest magnitude of the default model's output
+(``conftest.assert_rel_close``). Measured speed-ups are in ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import TINY, make_state_dict
+from conftest import assert_rel_close, sample_images, sample_text
+from torch import nn
+
+import clip
+from clip.model import CLIP, build_from_state_dict, convert_weights
+from clip.optimize import compile_model, quantize_int8, to_channels_last
+
+
+def fresh(arch_name: str) -> CLIP:
+    return build_from_state_dict(make_state_dict(TINY[arch_name])).float()
+
+
+def encodings(model: CLIP, arch_name: str, n_text: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return (
+            model.encode_image(sample_images(TINY[arch_name], 3)),
+            model.encode_text(sample_text(n_text)),
+        )
+
+
+def test_optimize_is_exported_and_returns_the_same_model() -> None:
+    model = fresh("tiny-rn")
+    assert clip.optimize(model, channels_last=True) is model
+    assert clip.optimize(model) is model  # nothing asked, nothing done
+
+
+def test_int8_stays_within_its_documented_deviation(arch_name: str) -> None:
+    image, text = encodings(fresh(arch_name), arch_name)
+    model = clip.optimize(fresh(arch_name), int8=True)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    assert linears == []  # every plain Linear was swapped for a quantized one
+    got_image, got_text = encodings(model, arch_name)
+    for got, want in ((got_image, image), (got_text, text)):
+        assert_rel_close(got, want, rel=5e-2)
+        cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
+        assert cos.min() >= 0.99
+        assert not torch.equal(got, want)  # it is an approximation, not the default path
+
+
+def test_int8_refuses_half_precision_models() -> None:
+    model = fresh("tiny-vit")
+    convert_weights(model)
+    with pytest.raises(ValueError, match="fp32"):
+        quantize_int8(model)
+
+
+def test_channels_last_resnet_matches_default() -> None:
+    image, text = encodings(fresh("tiny-rn"), "tiny-rn")
+    model = to_channels_last(fresh("tiny-rn"))
+    conv = model.visual.layer1[0].conv2.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    got_image, got_text = encodings(model, "tiny-rn")
+    assert_rel_close(got_image, image, rel=1e-5)
+    assert torch.equal(got_text, text)  # the text tower is untouched
+    assert set(model.state_dict()) == set(fresh("tiny-rn").state_dict())
+
+
+def test_channels_last_refuses_a_vit() -> None:
+    with pytest.raises(ValueError, match="ResNet"):
+        clip.optimize(fresh("tiny-vit"), channels_last=True)
+
+
+def test_compile_matches_default_and_keeps_names() -> None:
+    # aot_eager traces and partitions exactly as the default inductor backend does, without the
+    # C++ compile that would take minutes on CI; the benchmark runs the inductor path.
+    image, text = encodings(fresh("tiny-vit"), "tiny-vit")
+    model = compile_model(fresh("tiny-vit"), backend="aot_eager")
+    assert isinstance(model.visual.transformer, nn.Module) and model.visual.conv1 is not None
+    assert set(model.state_dict()) == set(fresh("tiny-vit").state_dict())
+    got_image, got_text = encodings(model, "tiny-vit")
+    assert_rel_close(got_image, image, rel=1e-5)
+    assert_rel_close(got_text, text, rel=1e-5)
+    # texts of another length (trimmed to a different longest prompt) still give the default
+    _, other = encodings(fresh("tiny-vit"), "tiny-vit", n_text=5)
+    assert_rel_close(encodings(model, "tiny-vit", n_text=5)[1], other, rel=1e-5)
