@@ -31,9 +31,9 @@ def test_load_drops_the_checkpoint_tensors_before_upcasting(
     real_settle = clip.clip.settle_dtype
     still_referenced: list[int] = []
 
-    def settle_dtype(model: CLIP, device: torch.device) -> CLIP:
+    def settle_dtype(model: CLIP, device: torch.device, dtype: object = None) -> CLIP:
         still_referenced.append(sum(ref() is not None for ref in alive))
-        return real_settle(model, device)
+        return real_settle(model, device, dtype)
 
     monkeypatch.setattr(clip.clip, "read_checkpoint", read_checkpoint)
     monkeypatch.setattr(clip.clip, "settle_dtype", settle_dtype)
