@@ -419,3 +419,24 @@ def test_convert_weights_on_plain_modules() -> None:
     net = nn.Sequential(OrderedDict([("fc", nn.Linear(2, 2)), ("ln", nn.LayerNorm(2))]))
     convert_weights(net)
     assert net.fc.weight.dtype == torch.float16 and net.ln.weight.dtype == torch.float32
+
+
+def test_resnet_runs_channels_last_inside_and_hands_out_nchw() -> None:
+    """The ResNet trunk convolves NHWC images (faster) but its weights and outputs stay NCHW, and
+    the result is the NCHW computation up to summation order."""
+    model = fp32_model(TINY["tiny-rn"])
+    images = sample_images(TINY["tiny-rn"], 2)
+    with torch.no_grad():
+        plain = nn.functional.conv2d(images, model.visual.conv1.weight, stride=2, padding=1)
+        inside = model.visual.conv1(images.contiguous(memory_format=torch.channels_last))
+    seen: list[bool] = []
+    model.visual.conv1.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        features = model.visual.forward_features(images)
+        stages = model.visual.forward_layers(images)
+    assert seen == [True, True]
+    assert features.is_contiguous() and all(s.is_contiguous() for s in stages)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert_rel_close(inside, plain, 1e-5)
