@@ -117,10 +117,24 @@ def _corrupt(path: str, e: Exception) -> CheckpointError:
 
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
-    # Zip-format files (torch.save's default since 1.6) are memory-mapped, not copied into RAM.
-    mmap = {"mmap": True} if zipfile.is_zipfile(path) and _torch_load_has_mmap() else {}
+    """The state dict in a ``torch.save`` file; zip-format fp32 files are memory-mapped.
+
+    A mapped file stays resident until its last tensor is freed, so mapping only pays when the
+    tensors are used as they are: an fp16 file (a mixed-precision checkpoint) is upcast on the
+    CPU tensor by tensor, and is read into memory so each fp16 original can be freed at once.
+    """
+    if zipfile.is_zipfile(path) and _torch_load_has_mmap():
+        mapped = _strip_module_prefix(_unwrap(_torch_load(path, mmap=True), path))
+        if all(t.dtype == torch.float32 for t in mapped.values() if t.is_floating_point()):
+            return mapped
+        del mapped  # unmaps the file before it is read again
+    return _strip_module_prefix(_unwrap(_torch_load(path, mmap=False), path))
+
+
+def _torch_load(path: str, mmap: bool) -> object:
+    extra = {"mmap": True} if mmap else {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, **mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, **extra)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
@@ -132,7 +146,6 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
         ) from e
     except Exception as e:
         raise _corrupt(path, e) from e
-    return _strip_module_prefix(_unwrap(obj, path))
 
 
 # Keys under which training scripts commonly nest the model's state dict.

@@ -136,19 +136,24 @@ def test_pickles_carrying_objects_are_refused(tmp_path: Path, payload: object) -
 # ---- memory -----------------------------------------------------------------------------------
 
 
-def test_zip_state_dicts_are_memory_mapped_and_legacy_ones_still_load(
+def test_zip_fp32_state_dicts_are_memory_mapped_and_others_read_into_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sd = make_state_dict(TINY["tiny-vit"])
+    sd16 = make_state_dict(TINY["tiny-vit"], layout="openai")
     torch.save(sd, tmp_path / "zip.pt")
+    torch.save(sd16, tmp_path / "zip16.pt")
     torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     seen: list[dict] = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw) or real_load(*a, **kw))
-    for name in ("zip.pt", "legacy.pt"):
+    for name, expected in (("zip.pt", sd), ("zip16.pt", sd16), ("legacy.pt", sd)):
         read, _ = read_checkpoint(tmp_path / name)
-        assert all(torch.equal(read[k], sd[k]) for k in sd)
-    assert [kw.get("mmap") for kw in seen] == [True, None]
+        assert all(torch.equal(read[k], expected[k]) for k in expected)
+        assert all(read[k].dtype == expected[k].dtype for k in expected)
+    # fp32 zip: mapped; fp16 zip: mapped to look, then read (its upcast frees tensor by tensor);
+    # legacy format: cannot be mapped.
+    assert [kw.get("mmap") for kw in seen] == [True, True, None, None]
     assert all(kw["weights_only"] for kw in seen)
 
 
