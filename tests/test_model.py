@@ -131,9 +131,18 @@ def test_not_a_clip_state_dict() -> None:
 # ---- building blocks -----------------------------------------------------------------------
 
 
-def test_quick_gelu() -> None:
-    x = torch.linspace(-4, 4, 101)
-    assert torch.equal(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quick_gelu(dtype: torch.dtype) -> None:
+    x = torch.randn(64, 97, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x_before = x.clone()
+    expected = x * torch.sigmoid(1.702 * x)
+    assert torch.equal(QuickGELU()(x), expected)  # the in-place inference path
+    assert torch.equal(x, x_before)  # the caller's tensor is left alone
+    leaf = x.float().requires_grad_()
+    y = QuickGELU()(leaf)  # the autograd path
+    y.sum().backward()
+    assert torch.equal(y.detach(), leaf.detach() * torch.sigmoid(1.702 * leaf.detach()))
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
 def test_layernorm_computes_in_fp32_and_keeps_input_dtype() -> None:
