@@ -112,10 +112,17 @@ def test_batched_prompt_groups_are_refused_by_every_text_method() -> None:
 # ---- intermediate layers ------------------------------------------------------------------
 
 
-def captured_block_outputs(blocks: torch.nn.Module, run: object) -> list[torch.Tensor]:
-    """Outputs of every block in ``blocks`` during ``run()``, captured with forward hooks."""
+def captured_block_outputs(
+    blocks: torch.nn.Module, run: object, inputs: bool = False
+) -> list[torch.Tensor]:
+    """Outputs (or, with ``inputs``, first inputs) of every block in ``blocks`` during ``run()``."""
     seen: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda m, a, out: seen.append(out)) for b in blocks]
+    handles = [
+        b.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        if inputs
+        else b.register_forward_hook(lambda m, a, out: seen.append(out))
+        for b in blocks
+    ]
     try:
         with torch.no_grad():
             run()  # type: ignore[operator]
@@ -212,23 +219,11 @@ def mha_weights(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block.attn(h, h, h, attn_mask=mask, need_weights=True, average_attn_weights=False)[1]
 
 
-def block_inputs(blocks: torch.nn.Module, run: object) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    handles = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in blocks]
-    try:
-        with torch.no_grad():
-            run()  # type: ignore[operator]
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def test_vit_attention_rows_sum_to_one_and_match_recomputation() -> None:
     arch = TINY["tiny-vit"]
     model, images = fp32_model(arch), sample_images(arch)
     blocks = model.visual.transformer.resblocks
-    inputs = block_inputs(blocks, lambda: model.encode_image(images))
+    inputs = captured_block_outputs(blocks, lambda: model.encode_image(images), inputs=True)
     with torch.no_grad():
         maps = model.image_attention(images)
         last = model.image_attention(images, [-1])
@@ -246,7 +241,7 @@ def test_text_attention_is_causal_and_matches_recomputation(arch: Arch) -> None:
     model, text = fp32_model(arch), sample_text(2)
     x = (model.token_embedding(text) + model.positional_embedding).transpose(0, 1)
     blocks = model.transformer.resblocks
-    inputs = block_inputs(blocks, lambda: model.transformer(x))
+    inputs = captured_block_outputs(blocks, lambda: model.transformer(x), inputs=True)
     with torch.no_grad():
         maps = model.text_attention(text)
         expected = [mha_weights(b, x) for b, x in zip(blocks, inputs)]
