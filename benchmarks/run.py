@@ -140,7 +140,7 @@ def opt_ins(s: Settings, model_name: str, sd: dict, table: Table) -> None:
     choices: list[dict[str, bool]] = [{"int8": True}]
     if model_name == "RN50":
         choices.insert(0, {"channels_last": True})
-    if not s.quick and model_name == "ViT-B/32":  # compiling takes about a minute per model
+    if not s.quick:  # compiling (with freezing) takes up to a minute per model
         choices.append({"compile": True})
     default = peers.ours(sd, "cpu", half=False).module
     x = images(16, "cpu", torch.float32, seed=1)

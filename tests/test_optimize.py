@@ -85,3 +85,76 @@ def test_compile_matches_default_and_keeps_names() -> None:
     # texts of another length (trimmed to a different longest prompt) still give the default
     _, other = encodings(fresh("tiny-vit"), "tiny-vit", n_text=5)
     assert_rel_close(encodings(model, "tiny-vit", n_text=5)[1], other, rel=1e-5)
+
+
+class TracingRecorder:
+    """A torch.compile backend that runs the graph eagerly and records inductor's freezing flag."""
+
+    def __init__(self) -> None:
+        self.freezing: list[bool] = []
+
+    def __call__(
+        self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor], **options: object
+    ) -> object:
+        import torch._inductor.config as inductor_config
+
+        self.freezing.append(bool(inductor_config.freezing))
+        return gm.forward
+
+
+def test_compile_traces_grad_free_calls_with_freezing() -> None:
+    # torch.compile(options={"freezing": True}) alone leaves dynamo's tracing unfrozen; the flag
+    # must be on while the first grad-free call traces, and off for calls with gradients.
+    recorder = TracingRecorder()
+    model = compile_model(fresh("tiny-rn"), backend=recorder)
+    encodings(model, "tiny-rn")
+    assert recorder.freezing == [True, True]  # image tower, text transformer
+    model.encode_image(sample_images(TINY["tiny-rn"], 3))  # gradients on: a separate trace
+    assert recorder.freezing == [True, True, False]
+
+
+def test_compile_with_gradients_on_matches_default_and_backpropagates() -> None:
+    image, _ = encodings(fresh("tiny-vit"), "tiny-vit")
+    model = compile_model(fresh("tiny-vit"), backend="aot_eager")
+    encodings(model, "tiny-vit")  # the frozen path first
+    got = model.encode_image(sample_images(TINY["tiny-vit"], 3))
+    assert_rel_close(got.detach(), image, rel=1e-5)
+    got.sum().backward()
+    assert model.visual.proj.grad is not None and model.visual.proj.grad.abs().sum() > 0
+
+
+def test_compile_refuses_grad_free_calls_after_weights_changed_in_place() -> None:
+    model = compile_model(fresh("tiny-vit"), backend="aot_eager")
+    before, _ = encodings(model, "tiny-vit")
+    with torch.no_grad():
+        model.visual.proj.mul_(2)  # e.g. an optimizer step or load_state_dict
+    with pytest.raises(RuntimeError, match="changed in place"):
+        encodings(model, "tiny-vit")
+    # with gradients on, the unfrozen graph reads the edited weights
+    got = model.encode_image(sample_images(TINY["tiny-vit"], 3)).detach()
+    assert_rel_close(got, 2 * before, rel=1e-5)
+
+
+def test_compile_without_freezing_keeps_weights_live() -> None:
+    recorder = TracingRecorder()
+    model = compile_model(fresh("tiny-vit"), backend=recorder, options={"freezing": False})
+    before, _ = encodings(model, "tiny-vit")
+    assert recorder.freezing == [False, False]
+    with torch.no_grad():
+        model.visual.proj.mul_(2)
+    assert_rel_close(encodings(model, "tiny-vit")[0], 2 * before, rel=1e-5)
+
+
+def test_compiling_again_keeps_refusing_edited_frozen_weights() -> None:
+    model = compile_model(fresh("tiny-vit"), backend="aot_eager")
+    encodings(model, "tiny-vit")
+    with torch.no_grad():
+        model.visual.proj.mul_(2)
+    compile_model(model, backend="aot_eager")  # the frozen graphs of these parameters stay cached
+    with pytest.raises(RuntimeError, match="build_from_state_dict"):
+        encodings(model, "tiny-vit")
+    rebuilt = compile_model(build_from_state_dict(model.state_dict()), backend="aot_eager")
+    image, _ = encodings(rebuilt, "tiny-vit")
+    assert_rel_close(
+        image, encodings(build_from_state_dict(model.state_dict()), "tiny-vit")[0], rel=1e-5
+    )
