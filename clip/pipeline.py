@@ -18,7 +18,7 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import IO, Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from PIL import Image
@@ -133,11 +133,13 @@ def input_resolution(model: torch.nn.Module) -> int:
     return int(res)
 
 
-def load_image(path: str, preprocess: Transform, draft_px: Optional[int] = None) -> torch.Tensor:
+def load_image(
+    path: Union[str, IO[bytes]], preprocess: Transform, draft_px: Optional[int] = None
+) -> torch.Tensor:
     """Open ``path`` and apply ``preprocess``; with ``draft_px``, decode large JPEGs reduced.
 
     Args:
-        path: an image file.
+        path: an image file, or a binary file object holding one.
         preprocess: PIL image → tensor.
         draft_px: if set, a JPEG whose shorter side is at least twice ``draft_px`` is decoded at
             the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still ≥ ``draft_px``
@@ -206,7 +208,9 @@ def _collate(
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's parameters are (cpu for a model without any)."""
+    tensor = next(iter(model.parameters()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def _call(model: torch.nn.Module, method: str, x: torch.Tensor) -> torch.Tensor:
@@ -478,8 +482,9 @@ def _npy_bytes(data: torch.Tensor) -> bytes:
 
 
 def _raw_bytes(data: torch.Tensor) -> bytes:
-    """The bytes of a contiguous float32 CPU tensor (numpy-free)."""
-    return ctypes.string_at(data.data_ptr(), data.numel() * 4) if data.numel() else b""
+    """The bytes of a contiguous CPU tensor (numpy-free)."""
+    size = data.numel() * data.element_size()
+    return ctypes.string_at(data.data_ptr(), size) if size else b""
 
 
 def _npy_tensor(blob: bytes, path: str) -> torch.Tensor:
@@ -518,9 +523,11 @@ def _pyarrow() -> Any:
 
 
 def _write_parquet(path: str, keys: Sequence[str], data: torch.Tensor, key_name: str) -> None:
+    """Columns ``key_name`` and ``embedding`` (fixed-size lists of ``data``'s float32/float16)."""
     pa = _pyarrow()
     raw = pa.py_buffer(_raw_bytes(data))
-    values = pa.Array.from_buffers(pa.float32(), data.numel(), [None, raw])
+    arrow_type = pa.float16() if data.dtype == torch.float16 else pa.float32()
+    values = pa.Array.from_buffers(arrow_type, data.numel(), [None, raw])
     column = pa.FixedSizeListArray.from_arrays(values, max(1, data.shape[1]))
     table = pa.table({key_name: pa.array(list(keys), type=pa.string()), "embedding": column})
     folder = os.path.dirname(os.path.abspath(path))
@@ -533,12 +540,17 @@ def _write_parquet(path: str, keys: Sequence[str], data: torch.Tensor, key_name:
             os.remove(tmp)
 
 
-def _read_parquet(path: str) -> tuple[list[str], torch.Tensor]:
+def _read_parquet(
+    path: str, key_names: Sequence[str] = ("path", "text")
+) -> tuple[list[str], torch.Tensor]:
+    """``(keys, float32 [N, D])`` of a table with columns (one of ``key_names``, embedding)."""
     pa = _pyarrow()
     table = pa.parquet.read_table(path)
     names = table.column_names
-    if len(names) != 2 or names[1] != "embedding" or names[0] not in ("path", "text"):
-        raise ValueError(f"{path} must have columns (path|text, embedding), has {names}")
+    if len(names) != 2 or names[1] != "embedding" or names[0] not in key_names:
+        raise ValueError(
+            f"{path} must have columns ({'|'.join(key_names)}, embedding), has {names}"
+        )
     keys = [str(k) for k in table.column(0).to_pylist()]
     column = table.column(1).combine_chunks()
     values = column.flatten().cast(pa.float32())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from clip.pipeline import _model_device
 from clip.tokenizer import tokenize
 
 # Also ``imagenet_classes``, ``imagenet_templates``, ``imagenet_templates_short`` (lazy, below).
@@ -132,11 +133,6 @@ def _summed_unit_embeddings(
         sums.index_add_(0, owner[start : start + batch_size].to(features.device), features)
     assert sums is not None  # at least one prompt: classnames and templates are non-empty
     return sums, dtype
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def _check_classnames(classnames: Sequence[str]) -> list[str]:

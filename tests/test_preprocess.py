@@ -11,7 +11,14 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, Normalize, Resize, ToTensor
 
 from clip.clip import _transform
-from clip.preprocess import MEAN, STD, ConvertToRGB
+from clip.preprocess import (
+    MEAN,
+    STD,
+    ConvertToRGB,
+    normalize_uint8,
+    transform,
+    transform_uint8,
+)
 
 
 def test_structure_matches_openai() -> None:
@@ -47,3 +54,19 @@ def test_non_images_are_refused_with_a_hint(bad: object) -> None:
 def test_bad_sizes(n_px: object) -> None:
     with pytest.raises(ValueError, match="positive int"):
         _transform(n_px)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_uint8_halves_give_the_full_transform_bit_for_bit(mode: str) -> None:
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        for h, w in [(40, 50), (300, 200), (32, 32), (17, 90)]
+    ]
+    full = torch.stack([transform(32)(image) for image in images])
+    halves = torch.stack([transform_uint8(32)(image) for image in images])
+    assert halves.dtype == torch.uint8 and halves.shape == (4, 3, 32, 32)
+    assert torch.equal(normalize_uint8(halves), full)  # batched: same as one at a time
+    assert torch.equal(normalize_uint8(halves[1]), full[1])
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_uint8(full)
