@@ -90,7 +90,12 @@ def _add_embed(sub: Any) -> None:
             "captions (one per line) into L2-normalised float32 vectors. OUT.npy gets a sidecar "
             "OUT.rows.txt naming each row; OUT.parquet gets columns path (or text) and embedding. "
             "Rerunning with the same --out embeds only inputs not already in it and appends. "
-            "Unreadable images are skipped and listed on stderr."
+            "Unreadable images are skipped and listed on stderr. "
+            "An --out without .npy/.parquet is a folder of shards: one SHARD.parquet (id, "
+            "embedding) and SHARD.stats.json per input shard; inputs may then also be file lists "
+            "(.txt), Parquet files with a path/url column and webdataset .tar files; a rerun "
+            "skips finished shards. Under torchrun each rank takes its share of the shards; "
+            "with --ray the job runs on a Ray cluster."
         ),
     )
     p.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders or globs")
@@ -102,6 +107,28 @@ def _add_embed(sub: Any) -> None:
         help="decode large JPEGs at reduced size (faster, not bit-exact)",
     )
     _common(p, batch_size=64)
+    shards = p.add_argument_group("sharded output (--out FOLDER)")
+    shards.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray: the cluster at ADDRESS, else $RAY_ADDRESS or a local one",
+    )
+    shards.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=10_000,
+        metavar="N",
+        help="images or Parquet rows per shard (10000); each tar is one shard",
+    )
+    shards.add_argument(
+        "--dtype", choices=("float32", "float16"), default="float32", help="stored (float32)"
+    )
+    shards.add_argument("--column", help="Parquet column of paths or URLs (path, else url)")
+    shards.add_argument(
+        "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
+    )
 
 
 def _add_classify(sub: Any) -> None:
@@ -159,6 +186,8 @@ def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     if bool(args.inputs) == bool(args.text):
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
+    if _sharded(args):
+        return _embed_shards(args, err)
     key_name = "text" if args.text else "path"
     inputs = _captions(args.text) if args.text else _images(args.inputs)
     done_keys, done = _existing(args.out)
@@ -186,7 +215,63 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     return EXIT_OK if keys or done_keys else EXIT_FAILURE
 
 
+def _sharded(args: argparse.Namespace) -> bool:
+    """Whether --out names a folder of shards rather than one .npy/.parquet file."""
+    ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
+    folder = os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or not ext
+    single = ext in (".npy", ".parquet") and not folder
+    if not single and not folder:
+        raise UsageError(
+            f"--out must end in .npy or .parquet (one file) or name a folder (shards), "
+            f"got {args.out!r}"
+        )
+    if args.ray is not None and single:
+        raise UsageError("--ray writes a folder of shards: give --out FOLDER, not a file")
+    if not single and args.text:
+        raise UsageError("--text writes one file: give --out CAPTIONS.npy or .parquet")
+    return not single
+
+
+def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
+    from clip import distributed
+
+    try:
+        summary = distributed.embed_dataset(
+            args.inputs,
+            args.out,
+            model=args.model,
+            ray=False if args.ray is None else args.ray or True,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            column=args.column,
+            fast_decode=args.fast_decode,
+            actors=args.actors,
+            workers=args.workers,
+            device=args.device,
+            download_root=args.cache_dir,
+            progress=_progress(args),
+        )
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    done = f" ({len(summary.skipped)} already done)" if summary.skipped else ""
+    rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
+    _say(
+        args,
+        err,
+        f"{rank}wrote {len(summary.written)} of {summary.shards} shards{done} into {args.out}: "
+        f"{summary.embedded} images embedded, {summary.failed} unreadable (see *.stats.json) "
+        f"in {summary.seconds:.1f} s",
+    )
+    return EXIT_OK
+
+
 def _images(inputs: Sequence[str]) -> list[str]:
+    sharded = [i for i in inputs if i.lower().endswith((".tar", ".tgz", ".tar.gz", ".parquet"))]
+    if sharded:
+        raise UsageError(
+            f"{sharded[0]} is read shard by shard: give --out FOLDER (one output per shard)"
+        )
     try:
         paths = pipeline.find_images(inputs)
     except FileNotFoundError as e:

@@ -84,3 +84,18 @@ def model_outputs(model: torch.nn.Module, images: torch.Tensor, ids: torch.Tenso
             "logits_per_image": logits_per_image,
             "logits_per_text": logits_per_text,
         }
+
+
+@pytest.fixture(scope="session")
+def vit_file(tiny_files: dict[str, dict[str, Path]]) -> str:
+    """The tiny ViT as a plain fp32 state-dict file."""
+    return str(tiny_files["tiny-vit"]["state_dict"])
+
+
+@pytest.fixture(scope="session")
+def vit_model(vit_file: str) -> torch.nn.Module:
+    """The tiny ViT, loaded on the CPU (shared: tests must not modify it)."""
+    import clip
+
+    model, _ = clip.load(vit_file, device="cpu")
+    return model

@@ -1,0 +1,452 @@
+"""Embed collections too big for one process: on a Ray cluster, or as torchrun-style ranks.
+
+:func:`embed_dataset` cuts the inputs into shards (:mod:`clip.shards`), skips those already
+written, and embeds the rest with the same decode, preprocess and ``encode_image`` code as
+:func:`clip.pipeline.embed_images`, so for the same images and batches the numbers are the
+same. Two engines, one entry point:
+
+* ``ray=True`` (or a cluster address): a Ray Data job. Each pending shard is read and decoded by
+  a CPU task that streams chunks of ``batch_size`` images; an actor pool (one model per actor,
+  one GPU each when the cluster has GPUs, CPU actors otherwise) embeds them; this process joins
+  the chunks of each shard and writes its file. A task whose worker dies is rerun and a dead
+  actor restarted by Ray; chunks that arrive twice are kept once.
+* ``ray=False``: this process handles the shards ``i`` with ``i % world_size == rank``, with
+  ``rank`` and ``world_size`` from ``torchrun``'s ``RANK`` / ``WORLD_SIZE`` (one rank if unset)
+  and the GPU from ``LOCAL_RANK``; decoding runs in DataLoader workers.
+
+Ray is an optional extra: ``pip install 'clip-torch[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from clip import pipeline, shards
+from clip.preprocess import normalize_uint8, transform_uint8
+from clip.shards import Chunk, Shard, ShardAssembler
+
+__all__ = ["JobSummary", "embed_dataset"]
+
+ModelSpec = Union[str, "os.PathLike[str]", Callable[[], nn.Module]]
+Transform = Callable[[Any], torch.Tensor]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class JobSummary:
+    """What :func:`embed_dataset` did.
+
+    Attributes:
+        shards: shards this process was responsible for (all of them with Ray).
+        written: names of the shards written by this run.
+        skipped: names of the shards already finished by an earlier run.
+        embedded: images embedded by this run.
+        failed: images that could not be read or decoded (listed in each shard's stats file).
+        seconds: wall time of the run.
+        rank, world_size: this process's share: shards ``rank::world_size`` (0, 1 with Ray).
+    """
+
+    shards: int
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    embedded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The settings every shard of a job shares."""
+
+    out_dir: str
+    model: ModelSpec
+    download_root: Optional[str]
+    meta: dict[str, Any]
+    dtype: torch.dtype
+    preprocess: Transform
+    batch_size: int
+    draft_px: Optional[int]
+    resolution: int
+    width: int
+
+
+def embed_dataset(
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    model: ModelSpec = "ViT-B/32",
+    ray: Union[bool, str] = False,
+    batch_size: int = 64,
+    shard_size: int = 10_000,
+    dtype: Union[str, torch.dtype] = torch.float32,
+    column: Optional[str] = None,
+    preprocess: Optional[Transform] = None,
+    fast_decode: bool = False,
+    actors: Optional[int] = None,
+    workers: int = 2,
+    device: Optional[str] = None,
+    download_root: Optional[str] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    progress: bool = False,
+) -> JobSummary:
+    """Embed images into one Parquet file per input shard under ``out_dir``, resumably.
+
+    Each shard gives ``<name>.parquet`` (``id``: the image's path, URL or tar key;
+    ``embedding``: L2-normalised, ``dtype``) and ``<name>.stats.json`` (counts, failures, the
+    settings). A rerun skips shards already written with the same inputs and settings.
+
+    Args:
+        inputs: image files, folders, globs, file lists (``.txt``), Parquet files with a
+            path/URL column, webdataset-style ``.tar`` files (see :mod:`clip.shards`).
+        out_dir: output folder, on a file system this process can write.
+        model: a name from :func:`clip.available_models`, a checkpoint file, or a picklable
+            zero-argument callable returning a model (called once per actor or rank).
+        ray: False for ranks (see the module docstring); True to run on Ray (connecting to
+            ``RAY_ADDRESS`` or the running cluster, else starting a local one); or a cluster
+            address such as ``"ray://head:10001"``.
+        batch_size: images per forward pass; shards are decoded in chunks of this size.
+        shard_size: images (or Parquet rows) per shard for files, lists and Parquet inputs.
+        dtype: ``float32`` or ``float16`` for the stored embeddings.
+        column: the Parquet column of paths or URLs (default ``path``, else ``url``).
+        preprocess: PIL image → tensor; default the model's standard transform.
+        fast_decode: decode large JPEGs reduced (faster; not bit-exact, see
+            :func:`clip.pipeline.embed_images`).
+        actors: Ray only: model replicas (default: one per GPU, or one on a CPU-only cluster).
+        workers: ranks only: DataLoader processes decoding shards (0: in this process).
+        device: ranks only: where the model runs (default ``cuda:LOCAL_RANK`` if CUDA, else cpu).
+        download_root: where named models are downloaded (see :func:`clip.load`).
+        rank, world_size: ranks only: override ``RANK`` / ``WORLD_SIZE``.
+        progress: show a tqdm bar of shards (stderr).
+
+    Returns:
+        A :class:`JobSummary`.
+
+    Raises:
+        ValueError: on bad sizes, an unknown dtype, a rank outside the world, or an output
+            folder holding shards written from other inputs, model or dtype.
+        ImportError: for ``ray`` without the ``ray`` extra installed.
+    """
+    start = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    dtype = _dtype(dtype)
+    meta = {
+        "model": _model_id(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "decode": "custom" if preprocess else "fast" if fast_decode else "exact",
+    }
+    rank, world_size = (0, 1) if ray is not False else _rank_and_world(rank, world_size)
+    mine = shards.plan_shards(inputs, shard_size, column)[rank::world_size]
+    out_dir = os.fspath(out_dir)
+    todo = [s for s in mine if not shards.finished(out_dir, s, meta)]
+    skipped = [s.name for s in mine if s not in todo]
+    summary = JobSummary(len(mine), skipped=skipped, rank=rank, world_size=world_size)
+    settings = (out_dir, model, download_root, meta, dtype, preprocess, batch_size, fast_decode)
+    if todo and ray is not False:
+        job = _job(*settings, _load_model(model, "cpu", download_root))  # to learn R and D
+        _run_ray(job, todo, ray, actors, summary, progress)
+    elif todo:
+        device = device or _default_device()
+        local = _load_model(model, device, download_root)
+        _run_local(_job(*settings, local), todo, local, device, workers, summary, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 ≤ rank < world_size, got rank {rank}, world_size {world_size}")
+    return rank, world_size
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _load_model(spec: ModelSpec, device: str, download_root: Optional[str] = None) -> nn.Module:
+    """The model of ``spec`` on ``device``, in eval mode."""
+    if callable(spec):
+        return spec().to(device).eval()
+    from clip.clip import load
+
+    model, _ = load(spec, device=device, download_root=download_root)
+    return model.eval()
+
+
+def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    chosen = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if chosen not in _DTYPES.values():
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    assert isinstance(chosen, torch.dtype)
+    return chosen
+
+
+def _job(
+    out_dir: str,
+    spec: ModelSpec,
+    download_root: Optional[str],
+    meta: dict[str, Any],
+    dtype: torch.dtype,
+    preprocess: Optional[Transform],
+    batch_size: int,
+    fast_decode: bool,
+    model: nn.Module,
+) -> _Job:
+    """The settings every shard shares; ``model`` tells the input resolution and width."""
+    resolution = pipeline.input_resolution(model)
+    return _Job(
+        out_dir,
+        spec,
+        download_root,
+        meta,
+        dtype,
+        preprocess or transform_uint8(resolution),  # finished by _embed
+        batch_size,
+        resolution if fast_decode else None,
+        resolution,
+        pipeline.embedding_width(model),
+    )
+
+
+def _model_id(spec: ModelSpec) -> str:
+    if callable(spec):
+        return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', repr(spec))}"
+    return os.fspath(spec)
+
+
+@torch.no_grad()
+def _embed(model: nn.Module, pixels: torch.Tensor, device: str) -> torch.Tensor:
+    """[n, 3, R, R] → [n, D] float32, L2-normalised (as :func:`clip.pipeline.embed_images`).
+
+    uint8 pixels (the default: a quarter of the bytes to move) are normalised on ``device``,
+    bit-identical to the standard transform.
+    """
+    if pixels.numel() == 0:
+        return torch.empty(0, pipeline.embedding_width(model))
+    pixels = pixels.to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        pixels = normalize_uint8(pixels)
+    features = pipeline._call(model, "encode_image", pixels)
+    return pipeline._normalised(features).cpu()
+
+
+def _finish(
+    job: _Job, done: Optional[shards.FinishedShard], by_name: dict[str, Shard], summary: JobSummary
+) -> None:
+    if done is None:
+        return
+    stats = shards.write_shard(job.out_dir, by_name[done.name], done, job.meta, job.dtype)
+    summary.written.append(done.name)
+    summary.embedded += stats["embedded"]
+    summary.failed += stats["failed"]
+
+
+# ---- ranks (no Ray) -------------------------------------------------------------------------
+
+
+class _ShardStream(IterableDataset):
+    """Chunks of the given shards; DataLoader worker ``w`` of ``W`` decodes shards ``w::W``."""
+
+    def __init__(self, todo: list[Shard], job: _Job) -> None:
+        self.todo, self.job = todo, job
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        mine = self.todo if info is None else self.todo[info.id :: info.num_workers]
+        for shard in mine:
+            yield from shards.iter_chunks(
+                shard, self.job.preprocess, self.job.batch_size, self.job.draft_px
+            )
+
+
+def _run_local(
+    job: _Job,
+    todo: list[Shard],
+    model: nn.Module,
+    device: str,
+    workers: int,
+    summary: JobSummary,
+    progress: bool,
+) -> None:
+    loader = DataLoader(
+        _ShardStream(todo, job),
+        batch_size=None,
+        num_workers=min(workers, len(todo)),
+        pin_memory=torch.device(device).type == "cuda",
+    )
+    assembler = ShardAssembler(job.width)
+    by_name = {s.name: s for s in todo}
+    with tqdm(total=len(todo), unit="shard", disable=not progress) as bar:
+        for chunk in loader:
+            embeddings = _embed(model, chunk.pixels, device)
+            done = assembler.add(
+                chunk.shard, chunk.number, chunk.last, chunk.ids, embeddings, chunk.failed
+            )
+            _finish(job, done, by_name, summary)
+            bar.update(done is not None)
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise ImportError(
+            "running on Ray needs the ray extra: pip install 'clip-torch[ray]'"
+        ) from e
+    return ray
+
+
+class _DecodeShards:
+    """Ray Data task: a batch of one shard row → a stream of decoded chunks (bytes + shape)."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        import numpy as np
+
+        for text in batch["shard"]:
+            shard = Shard.from_json(str(text))
+            for c in shards.iter_chunks(
+                shard, self.job.preprocess, self.job.batch_size, self.job.draft_px
+            ):
+                pixels = c.pixels.contiguous()
+                yield {
+                    "shard": np.array([c.shard]),
+                    "number": np.array([c.number]),
+                    "last": np.array([c.last]),
+                    "ids": np.array([json.dumps(c.ids)]),
+                    "failed": np.array([json.dumps(c.failed)]),
+                    "shape": np.array([json.dumps(list(pixels.shape))]),
+                    "dtype": np.array([str(pixels.dtype).removeprefix("torch.")]),
+                    "pixels": np.array([pipeline._raw_bytes(pixels)], dtype=object),
+                }
+
+
+class _EmbedActor:
+    """Ray Data actor: one model; decoded chunks → embedded chunks (float32 bytes)."""
+
+    def __init__(self, spec: ModelSpec, download_root: Optional[str], threads: int) -> None:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = _load_model(spec, self.device, download_root)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        shape = json.loads(str(batch["shape"][0]))
+        blob = bytearray(batch["pixels"][0])
+        dtype = getattr(torch, str(batch["dtype"][0]))  # uint8 by default, float32 if custom
+        pixels = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
+        embeddings = _embed(self.model, pixels.reshape(shape), self.device).contiguous()
+        out = {k: batch[k] for k in ("shard", "number", "last", "ids", "failed")}
+        out["embedding"] = np.array([pipeline._raw_bytes(embeddings)], dtype=object)
+        return out
+
+
+def _chunk_bytes(job: _Job) -> int:
+    """Memory a decode task holds: a worker with torch loaded, a few chunks of pixels."""
+    return 768 * 2**20 + 4 * job.batch_size * 3 * job.resolution**2 * 4
+
+
+def _connect(ray: Any, address: Union[bool, str]) -> bool:
+    """Join a cluster (or start a local one); True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address if isinstance(address, str) and address else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    return True
+
+
+def _actor_plan(ray: Any, actors: Optional[int]) -> tuple[int, dict[str, float], int]:
+    """(actors, their resources, torch threads each): a GPU each, or a share of the CPUs."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return actors or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
+    n = actors or 1
+    cpus = float(resources.get("CPU", 1))
+    share = max(0.25, (cpus - 1) / n)  # leave one CPU to the decode tasks
+    return n, {"num_cpus": share}, max(1, int(share))
+
+
+def _run_ray(
+    job: _Job,
+    todo: list[Shard],
+    address: Union[bool, str],
+    actors: Optional[int],
+    summary: JobSummary,
+    progress: bool,
+) -> None:
+    ray = _import_ray()
+    started = _connect(ray, address)
+    try:
+        n, resources, threads = _actor_plan(ray, actors)
+        rows = [{"shard": s.to_json()} for s in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Decode tasks reserve memory for the chunks they hold; as the actors ask for other
+        # resources, Ray Data does not fuse the two, so decoding stays in its own CPU tasks.
+        ds = ds.map_batches(_DecodeShards(job), batch_size=1, num_cpus=1, memory=_chunk_bytes(job))
+        ds = ds.map_batches(
+            _EmbedActor,
+            fn_constructor_args=(job.model, job.download_root, threads),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=n),
+            **resources,
+        )
+        _collect(job, ds.iter_rows(), todo, summary, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _collect(
+    job: _Job,
+    rows: Any,
+    todo: list[Shard],
+    summary: JobSummary,
+    progress: bool,
+) -> None:
+    """Join streamed chunk rows into shards and write each one as it completes."""
+    assembler = ShardAssembler(job.width)
+    by_name = {s.name: s for s in todo}
+    with tqdm(total=len(todo), unit="shard", disable=not progress) as bar:
+        for row in rows:
+            blob = bytearray(row["embedding"])
+            flat = torch.frombuffer(blob, dtype=torch.float32) if blob else torch.empty(0)
+            ids = json.loads(row["ids"])
+            failed = [tuple(f) for f in json.loads(row["failed"])]
+            done = assembler.add(
+                str(row["shard"]), int(row["number"]), bool(row["last"]), ids, flat, failed
+            )
+            _finish(job, done, by_name, summary)
+            bar.update(done is not None)
+    if assembler.open_shards:
+        raise RuntimeError(f"the job ended with shards incomplete: {assembler.open_shards}")

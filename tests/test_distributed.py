@@ -1,0 +1,299 @@
+"""clip.distributed on a local Ray instance: same numbers as one process, faults, reruns.
+
+One Ray instance (2 CPUs, no dashboard) serves the module. Shards hold a multiple of the batch
+size, so each shard's batches are the single-process pipeline's batches and embeddings must be
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+import clip
+from clip import distributed, pipeline
+from clip.cli import main
+from clip.shards import read_shard
+
+BATCH, SHARD = 8, 24
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 small images of varied sizes in two folders, plus two unreadable files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        folder = root / ("a" if i % 3 else "b")
+        folder.mkdir(exist_ok=True)
+        h, w = rng.integers(20, 70, size=2)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.{'png' if i % 7 == 0 else 'jpg'}")
+    (root / "a" / "0500.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "b" / "0501.png").write_bytes(b"")
+    return root
+
+
+def shard_rows(out: Path) -> dict[str, tuple[list[str], torch.Tensor]]:
+    return {p.stem: read_shard(str(p)) for p in sorted(out.glob("*.parquet"))}
+
+
+def joined(out: Path) -> tuple[list[str], torch.Tensor]:
+    rows = shard_rows(out).values()
+    return [k for ids, _ in rows for k in ids], torch.cat([e for _, e in rows])
+
+
+def single_process(vit_model: torch.nn.Module, images: Path) -> pipeline.EmbeddedImages:
+    """The one-process pipeline, on one thread like the job's CPU actor (GEMM results can
+    differ in the last bit between thread counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pipeline.embed_images(vit_model, pipeline.find_images([images]), batch_size=BATCH)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def test_ray_job_equals_the_single_process_pipeline(
+    local_ray: None, vit_file: str, vit_model: torch.nn.Module, images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    summary = distributed.embed_dataset(
+        [str(images)], str(out), model=vit_file, ray=True, batch_size=BATCH, shard_size=SHARD
+    )
+    expected = single_process(vit_model, images)
+    ids, embeddings = joined(out)
+    assert summary.shards == 9 and len(summary.written) == 9 and not summary.skipped
+    assert summary.embedded == 200 and summary.failed == 2
+    assert ids == expected.paths
+    assert torch.equal(embeddings, expected.embeddings)
+    failed = {f for stats in out.glob("*.stats.json") for f in _failures(stats)}
+    assert failed == {p for p, _ in expected.failed}
+
+    before = mtimes(out)
+    again = distributed.embed_dataset(
+        [str(images)], str(out), model=vit_file, ray=True, batch_size=BATCH, shard_size=SHARD
+    )
+    assert again.written == [] and len(again.skipped) == 9
+    assert mtimes(out) == before
+
+
+def _failures(stats: Path) -> list[str]:
+    import json
+
+    return [f["id"] for f in json.loads(stats.read_text())["failures"]]
+
+
+# ---- faults -------------------------------------------------------------------------------
+
+
+def _first_time(marker: Path) -> bool:
+    """True for exactly one caller across processes (the one that creates ``marker``)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+class DiesOnce:
+    """A preprocess that kills its worker process the first time it sees ``victim``."""
+
+    def __init__(self, resolution: int, victim: str, marker: Path) -> None:
+        self.inner = clip.clip._transform(resolution)
+        self.victim, self.marker = victim, marker
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        (self.marker.parent / f"decoded-in-{os.getpid()}").touch()
+        seen = os.path.basename(getattr(image, "filename", ""))
+        if seen == self.victim and _first_time(self.marker):
+            os._exit(17)  # the decode task's worker dies mid-shard
+        return self.inner(image)
+
+
+class ModelThatDiesOnce:
+    """A model factory whose model kills its actor on its third batch, once per job."""
+
+    def __init__(self, checkpoint: str, marker: Path) -> None:
+        self.checkpoint, self.marker = checkpoint, marker
+
+    def __call__(self) -> torch.nn.Module:
+        loaded, _ = clip.load(self.checkpoint, device="cpu")
+        calls = {"n": 0}
+        encode = loaded.encode_image
+
+        def encode_image(x: torch.Tensor) -> Any:
+            (self.marker.parent / f"embedded-in-{os.getpid()}").touch()
+            calls["n"] += 1
+            if calls["n"] == 3 and _first_time(self.marker):
+                os._exit(18)  # the embedding actor dies with a chunk in hand
+            return encode(x)
+
+        loaded.encode_image = encode_image  # type: ignore[method-assign]
+        return loaded
+
+
+def test_dead_decode_worker_and_dead_actor_are_retried(
+    local_ray: None, vit_file: str, vit_model: torch.nn.Module, images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    decode_marker, actor_marker = tmp_path / "decode-died", tmp_path / "actor-died"
+    job = dict(
+        model=ModelThatDiesOnce(vit_file, actor_marker),
+        preprocess=DiesOnce(vit_model.visual.input_resolution, "0100.jpg", decode_marker),
+        ray=True,
+        batch_size=BATCH,
+        shard_size=SHARD,
+    )
+    summary = distributed.embed_dataset([str(images)], str(out), **job)  # type: ignore[arg-type]
+    assert decode_marker.exists() and actor_marker.exists()  # both faults happened
+    decoders = {p.name.split("-")[-1] for p in tmp_path.glob("decoded-in-*")}
+    embedders = {p.name.split("-")[-1] for p in tmp_path.glob("embedded-in-*")}
+    assert len(embedders) == 2  # the actor, and the actor restarted after its death
+    assert decoders and not decoders & embedders  # decoding ran in tasks, not in the actors
+    assert str(os.getpid()) not in decoders | embedders
+    expected = single_process(vit_model, images)
+    rows = shard_rows(out)
+    assert sorted(rows) == sorted(summary.written) and len(rows) == 9
+    ids, embeddings = joined(out)
+    assert ids == expected.paths  # every image once, in order: no chunk lost or doubled
+    assert torch.equal(embeddings, expected.embeddings)
+
+    before = mtimes(out)
+    again = distributed.embed_dataset([str(images)], str(out), **job)  # type: ignore[arg-type]
+    assert again.written == [] and mtimes(out) == before
+
+
+# ---- inputs other than folders ----------------------------------------------------------
+
+
+def test_tar_and_parquet_shards_on_ray(
+    local_ray: None, vit_file: str, vit_model: torch.nn.Module, images: Path, tmp_path: Path
+) -> None:
+    paths = pipeline.find_images([images])[:40]
+    tar_path = tmp_path / "web-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i, p in enumerate(paths[:20]):
+            for name, data in ((f"{i:06d}.jpg", Path(p).read_bytes()), (f"{i:06d}.txt", b"x")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    table = pa.table({"path": [os.path.relpath(p, tmp_path) for p in paths[20:]]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = tmp_path / "out"
+    summary = distributed.embed_dataset(
+        [str(tar_path), str(tmp_path / "rows.parquet")],
+        str(out),
+        model=vit_file,
+        ray=True,
+        batch_size=BATCH,
+        dtype="float16",
+    )
+    assert sorted(summary.written) == ["rows", "web-000"]
+    rows = shard_rows(out)
+    assert rows["web-000"][0] == [f"{i:06d}" for i in range(20)]
+    assert rows["rows"][0] == table.column("path").to_pylist()
+    for name, chunk in (("web-000", paths[:20]), ("rows", paths[20:])):
+        expected = pipeline.embed_images(vit_model, chunk, batch_size=BATCH).embeddings
+        torch.testing.assert_close(rows[name][1], expected.half().float(), rtol=0, atol=1e-3)
+    schema = pq.read_schema(out / "rows.parquet")
+    width = pipeline.embedding_width(vit_model)
+    assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{width}]"
+
+
+def test_cli_runs_the_job_on_ray_and_reports(
+    local_ray: None,
+    vit_file: str,
+    vit_model: torch.nn.Module,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    argv = ["embed", str(images), "--out", str(out), "--model", vit_file, "--ray"]
+    argv += ["--batch-size", str(BATCH), "--shard-size", "96"]
+    assert main(argv) == 0
+    assert "wrote 3 of 3 shards" in capsys.readouterr().err
+    ids, embeddings = joined(out)
+    expected = single_process(vit_model, images)
+    assert ids == expected.paths and torch.equal(embeddings, expected.embeddings)
+    assert main(argv) == 0
+    assert "wrote 0 of 3 shards (3 already done)" in capsys.readouterr().err
+    assert main([*argv, "--dtype", "float16"]) == 1  # other settings into the same folder
+    assert "dtype" in capsys.readouterr().err
+
+
+# ---- without Ray: torchrun ranks, and the command line's checks ----------------------------
+
+
+def test_torchrun_ranks_share_the_shards(
+    vit_file: str, vit_model: torch.nn.Module, images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command = [*torchrun, "-m", "clip", "embed", str(images), "--out", str(out)]
+    command += ["--model", vit_file, "--batch-size", str(BATCH), "--shard-size", str(SHARD)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "rank 0/2: wrote 5 of 5 shards" in done.stderr  # shards 0, 2, 4, 6, 8
+    assert "rank 1/2: wrote 4 of 4 shards" in done.stderr  # shards 1, 3, 5, 7
+    ids, embeddings = joined(out)
+    expected = single_process(vit_model, images)  # torchrun gives each rank one thread
+    assert ids == expected.paths and torch.equal(embeddings, expected.embeddings)
+
+
+def test_nothing_left_to_do_loads_no_model(
+    vit_file: str, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    distributed.embed_dataset([str(images)], str(out), model=vit_file, shard_size=100)
+
+    def no_loading(*args: object) -> None:
+        raise AssertionError("a model was loaded for a finished job")
+
+    monkeypatch.setattr(distributed, "_load_model", no_loading)
+    again = distributed.embed_dataset([str(images)], str(out), model=vit_file, shard_size=100)
+    assert again.written == [] and again.skipped == ["images-00000", "images-00001", "images-00002"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "x.npy", "--ray"], "--ray writes a folder of shards"),
+        (["--out", "shards", "--text", "captions.txt"], "--text writes one file"),
+        (["data.tar", "--out", "x.npy"], "read shard by shard: give --out FOLDER"),
+        (["--out", "x.csv"], "or name a folder"),
+    ],
+)
+def test_cli_rejects_sharded_misuse(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = [] if "--text" in extra or extra[0] == "data.tar" else ["photos/"]
+    assert main(["embed", *inputs, *extra]) == 2
+    assert message in capsys.readouterr().err
