@@ -21,6 +21,7 @@ from torch import nn
 
 from clip.model import (
     CLIP,
+    Bottleneck,
     CLIPConfig,
     LayerNorm,
     QuickGELU,
@@ -143,6 +144,30 @@ def test_quick_gelu(dtype: torch.dtype) -> None:
     y.sum().backward()
     assert torch.equal(y.detach(), leaf.detach() * torch.sigmoid(1.702 * leaf.detach()))
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bottleneck_in_place_residual_keeps_values_and_gradients(train: bool) -> None:
+    """The residual is added in place; outputs and gradients equal the out-of-place formula."""
+    torch.manual_seed(0)
+    block = Bottleneck(8, 4, stride=2).train(train)
+    assert block.downsample is not None
+
+    def out_of_place(x: torch.Tensor) -> torch.Tensor:
+        y = block.relu1(block.bn1(block.conv1(x)))
+        y = block.relu2(block.bn2(block.conv2(y)))
+        return torch.relu(block.bn3(block.conv3(block.avgpool(y))) + block.downsample(x))
+
+    results = []
+    for fn in (block, out_of_place):
+        x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        block.zero_grad()
+        y = fn(x)
+        y.square().sum().backward()
+        assert x.grad is not None
+        results.append([y.detach(), x.grad, *(p.grad for p in block.parameters())])
+    for got, expected in zip(*results):
+        assert got is not None and expected is not None and torch.equal(got, expected)
 
 
 def test_layernorm_computes_in_fp32_and_keeps_input_dtype() -> None:
