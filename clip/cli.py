@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from clip import pipeline
+from clip import pipeline, shards
 from clip.clip import load
 from clip.download import MODELS, default_cache_dir
 from clip.tokenizer import tokenize
@@ -107,26 +107,26 @@ def _add_embed(sub: Any) -> None:
         help="decode large JPEGs at reduced size (faster, not bit-exact)",
     )
     _common(p, batch_size=64)
-    shards = p.add_argument_group("sharded output (--out FOLDER)")
-    shards.add_argument(
+    group = p.add_argument_group("sharded output (--out FOLDER)")
+    group.add_argument(
         "--ray",
         nargs="?",
         const="",
         metavar="ADDRESS",
         help="run on Ray: the cluster at ADDRESS, else $RAY_ADDRESS or a local one",
     )
-    shards.add_argument(
+    group.add_argument(
         "--shard-size",
         type=_positive_int,
         default=10_000,
         metavar="N",
         help="images or Parquet rows per shard (10000); each tar is one shard",
     )
-    shards.add_argument(
+    group.add_argument(
         "--dtype", choices=("float32", "float16"), default="float32", help="stored (float32)"
     )
-    shards.add_argument("--column", help="Parquet column of paths or URLs (path, else url)")
-    shards.add_argument(
+    group.add_argument("--column", help="Parquet column of paths or URLs (path, else url)")
+    group.add_argument(
         "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
     )
 
@@ -267,7 +267,7 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
 
 
 def _images(inputs: Sequence[str]) -> list[str]:
-    sharded = [i for i in inputs if i.lower().endswith((".tar", ".tgz", ".tar.gz", ".parquet"))]
+    sharded = [i for i in inputs if i.lower().endswith(shards.SHARD_FILE_EXTENSIONS)]
     if sharded:
         raise UsageError(
             f"{sharded[0]} is read shard by shard: give --out FOLDER (one output per shard)"

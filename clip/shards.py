@@ -35,6 +35,7 @@ import torch
 from clip import pipeline
 
 __all__ = [
+    "SHARD_FILE_EXTENSIONS",
     "Chunk",
     "FinishedShard",
     "Shard",
@@ -49,6 +50,7 @@ Source = Union[str, IO[bytes]]  # what Image.open accepts: a path or an open bin
 Transform = Callable[[Any], torch.Tensor]
 
 _TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+SHARD_FILE_EXTENSIONS = (*_TAR_EXTENSIONS, ".parquet")  # inputs read as shards of their own
 _LIST_EXTENSIONS = (".txt", ".lst")
 _URL_TIMEOUT_S = 30.0
 _FETCH_THREADS = 16  # concurrent URL fetches per chunk
@@ -160,7 +162,7 @@ def _expand(inputs: Sequence[str]) -> list[str]:
     out: list[str] = []
     for item in map(os.fspath, inputs):
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else []
-        whole = [m for m in matches if m.endswith((*_TAR_EXTENSIONS, ".parquet"))]
+        whole = [m for m in matches if m.endswith(SHARD_FILE_EXTENSIONS)]
         out.extend(whole if whole and len(whole) == len(matches) else [item])
     return out
 
@@ -270,9 +272,7 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _parquet_items(shard: Shard) -> Iterator[tuple[str, Callable[[], Source]]]:
-    pq = pipeline._pyarrow().parquet
-    table = pq.read_table(shard.source, columns=[shard.column])
-    values = table.column(0).slice(shard.start, shard.stop - shard.start).to_pylist()
+    values = _parquet_rows(shard.source, shard.column, shard.start, shard.stop)
     folder = os.path.dirname(shard.source)
     for value in values:
         text = "" if value is None else str(value)
@@ -280,6 +280,22 @@ def _parquet_items(shard: Shard) -> Iterator[tuple[str, Callable[[], Source]]]:
             yield text, _fetcher(text)
         else:
             yield text, _const(os.path.join(folder, text) if text else text)
+
+
+def _parquet_rows(path: str, column: str, start: int, stop: int) -> list[Any]:
+    """Rows ``start:stop`` of one column, reading only the row groups that hold them (a file cut
+    into many shards is not read whole by each)."""
+    parquet = pipeline._pyarrow().parquet.ParquetFile(path)
+    groups: list[int] = []
+    first = offset = 0  # first: the file row where the first group read begins
+    for g in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(g).num_rows
+        if offset < stop and offset + rows > start:
+            first = first if groups else offset
+            groups.append(g)
+        offset += rows
+    table = parquet.read_row_groups(groups, columns=[column])
+    return list(table.column(0).slice(start - first, stop - start).to_pylist())
 
 
 def _fetcher(url: str) -> Callable[[], Source]:

@@ -301,6 +301,16 @@ def test_parquet_paths_are_relative_to_the_file(tmp_path: Path, photos: list[str
     assert torch.equal(pixels, torch.stack([decoded(p) for p in photos[:4]]))
 
 
+def test_parquet_shards_read_the_right_rows_across_row_groups(tmp_path: Path) -> None:
+    rows = [f"img{i:02d}.jpg" for i in range(23)]
+    table = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"path": rows}), table, row_group_size=5)
+    assert pq.ParquetFile(table).num_row_groups == 5
+    planned = plan_shards([str(table)], shard_size=7)
+    got = [[k for k, _ in shards.iter_items(s)] for s in planned]
+    assert got == [rows[i : i + 7] for i in range(0, 23, 7)]
+
+
 def test_parquet_urls_over_http(tmp_path: Path, photos: list[str]) -> None:
     with FlakyServer() as server:
         server.files["/a.jpg"] = Path(photos[0]).read_bytes()
