@@ -107,7 +107,8 @@ class TracedCLIP(torch.jit.RecursiveScriptModule):
             raise RuntimeError(
                 f"this jit=True model was moved or cast to {', '.join(where)}, where it cannot "
                 f"be traced again ({type(e).__name__}: {e}); its traced code no longer matches "
-                "its weights. Load it there with clip.load(name, device=..., jit=False) instead"
+                "its weights. Use the eager model there instead: clip.load(name, jit=False), "
+                "then .to(...)"
             ) from e
         self._reconstruct(fresh._c)
         self._adopt()
