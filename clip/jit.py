@@ -29,9 +29,6 @@ from clip.model import CLIP
 
 __all__ = ["TracedCLIP", "trace"]
 
-# The 0-d tensors OpenAI's archives carry beside the weights, read as model.<name>.item().
-_ARCHIVE_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
 
 def trace(model: CLIP) -> TracedCLIP:
     """Trace ``model`` on its device and in its dtypes, as ``clip.load(..., jit=True)`` does.
@@ -139,8 +136,13 @@ class _Archive(nn.Module):
         self._modules.update(model._modules)
         self._parameters.update(model._parameters)
         device = model.token_embedding.weight.device
-        values = (model.visual.input_resolution, model.context_length, model.vocab_size)
-        for name, value in zip(_ARCHIVE_SCALARS, values):
+        # the 0-d tensors OpenAI's archives carry beside the weights, read as model.<name>.item()
+        values = {
+            "input_resolution": model.visual.input_resolution,
+            "context_length": model.context_length,
+            "vocab_size": model.vocab_size,
+        }
+        for name, value in values.items():
             self.register_buffer(name, torch.tensor(int(value), device=device))
 
     def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
