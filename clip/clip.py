@@ -15,6 +15,7 @@ import torch
 
 from clip.checkpoint import read_checkpoint
 from clip.download import MODELS, available_models, download
+from clip.jit import trace
 from clip.model import CLIP, build_from_state_dict, convert_weights
 from clip.preprocess import Preprocess, transform
 from clip.tokenizer import tokenize
@@ -45,8 +46,10 @@ def load(
             state dict saved with ``torch.save``.
         device: where to put the model; default ``"cuda"`` if available, else ``"cpu"``.
             On CUDA the weights OpenAI keeps in fp16 are fp16; elsewhere everything is fp32.
-        jit: return a TorchScript module (traced from our model on ``device``) instead of a
-            :class:`clip.model.CLIP`. A plain state dict with ``jit=True`` warns and loads eagerly.
+        jit: return a TorchScript module (:class:`clip.jit.TracedCLIP`, traced from our model
+            on ``device`` in its dtype) instead of a :class:`clip.model.CLIP`. Moving or casting
+            the whole module later (``.to()``, ``.cpu()``, ``.float()``...) re-traces it there.
+            A plain state dict with ``jit=True`` warns and loads eagerly.
         download_root: cache directory for named models (default ``$CLIP_CACHE_DIR`` or
             ``~/.cache/clip``).
         dtype: ``None`` for the default above; ``torch.float32`` for fp32 everywhere;
@@ -84,7 +87,7 @@ def load(
     if resolution is not None:
         model.resize_input(resolution)
     preprocess = transform(model.visual.input_resolution)
-    return (_trace(model) if jit else model), preprocess
+    return (trace(model) if jit else model), preprocess
 
 
 def _usable_device(device: Optional[Device]) -> torch.device:
@@ -157,19 +160,3 @@ def settle_dtype(model: CLIP, device: torch.device, dtype: Optional[torch.dtype]
             if tensor.dtype == torch.float16:
                 tensor.data = tensor.data.to(torch.bfloat16)
     return model
-
-
-def _trace(model: CLIP) -> torch.jit.ScriptModule:
-    """Trace ``model`` on its device, exposing ``encode_image``, ``encode_text``, ``forward``."""
-    res = model.visual.input_resolution
-    device = model.visual.conv1.weight.device
-    image = torch.zeros(1, 3, res, res, device=device)
-    text = torch.zeros(1, model.context_length, dtype=torch.long, device=device)
-    text[:, 1] = model.vocab_size - 1  # the end-of-text token is the row's largest id
-    model.register_buffer("input_resolution", torch.tensor(res), persistent=False)
-    inputs = {"forward": (image, text), "encode_image": (image,), "encode_text": (text,)}
-    with warnings.catch_warnings():
-        # Tracing is what the caller asked for; torch's deprecation notice is not theirs to fix.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
-        return torch.jit.trace_module(model, inputs, check_trace=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,116 @@ def test_load_jit(tiny_files: dict, arch_name: str, fmt: str) -> None:
         assert_rel_close(model.encode_text(texts), eager.encode_text(texts))
         images = sample_images(arch, 4, seed=3)
         assert_rel_close(model.encode_image(images), eager.encode_image(images))
+
+
+def test_jit_model_has_the_archive_scalars_and_eager_attributes(tiny_files: dict) -> None:
+    arch = TINY["tiny-vit"]
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["archive"]), device="cpu", jit=True)
+    # OpenAI's archives: 0-d tensors read as model.context_length.item()
+    assert model.input_resolution.item() == arch.image_resolution
+    assert model.context_length.item() == arch.context_length
+    assert model.vocab_size.item() == arch.vocab_size
+    # what code written for the eager model reads
+    assert model.visual.input_resolution == arch.image_resolution
+    assert model.dtype == torch.float32
+
+
+def test_jit_state_dict_has_exactly_the_archive_keys(tiny_files: dict, arch_name: str) -> None:
+    path = str(tiny_files[arch_name]["archive"])
+    model, _ = clip.load(path, device="cpu", jit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        archive = torch.jit.load(path, map_location="cpu")
+    assert set(model.state_dict()) == set(archive.state_dict())  # no attn_mask keys
+
+
+def test_jit_model_saved_with_torch_jit_save_loads_back(tiny_files: dict, tmp_path: Path) -> None:
+    arch = TINY["tiny-vit"]
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["archive"]), device="cpu", jit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        torch.jit.save(model, str(tmp_path / "saved.pt"))
+    for jit in (False, True):
+        again, _ = clip.load(str(tmp_path / "saved.pt"), device="cpu", jit=jit)
+        for got, want in zip(outputs(again, arch), expected_outputs(arch)):
+            assert_rel_close(got, want)
+
+
+def jit_and_eager(path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, CLIP]:
+    jit_model, _ = clip.load(path, device="cpu", jit=True, dtype=dtype)
+    eager, _ = clip.load(path, device="cpu", dtype=dtype)
+    return jit_model, eager
+
+
+def test_jit_float_after_an_fp16_load_gives_fp32_outputs(tiny_files: dict, arch_name: str) -> None:
+    # the CUDA default is fp16; .float() must not keep the traced fp16 casts
+    arch = TINY[arch_name]
+    model, eager = jit_and_eager(str(tiny_files[arch_name]["archive"]), torch.float16)
+    assert model.float() is model and model.dtype == torch.float32
+    for got, want in zip(outputs(model, arch), outputs(eager.float(), arch)):
+        assert got.dtype == torch.float32
+        assert_rel_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jit_cast_to_half_precision_matches_the_eager_cast(
+    tiny_files: dict, dtype: torch.dtype
+) -> None:
+    arch = TINY["tiny-rn"]
+    model, eager = jit_and_eager(str(tiny_files["tiny-rn"]["archive"]), torch.float32)
+    model.to(dtype)
+    eager.to(dtype)
+    images, texts = sample_images(arch), sample_text()
+    with torch.no_grad():
+        got = model.encode_image(images)
+        assert got.dtype == dtype and torch.equal(got, eager.encode_image(images))
+        # the trace runs all 77 columns: compare with the eager model's untrimmed text path
+        tokens, eot = eager.encode_text_tokens(texts, project=True)
+        got = model.encode_text(texts)
+        assert got.dtype == dtype and torch.equal(got, tokens[torch.arange(len(texts)), eot])
+
+
+def test_jit_moved_to_an_untraceable_device_is_refused_clearly(tiny_files: dict) -> None:
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["archive"]), device="cpu", jit=True)
+    with pytest.raises(RuntimeError, match=r"meta.*cannot be traced.*jit=False"):
+        model.to("meta")
+
+
+def test_jit_move_retraces_from_the_moved_weights(
+    tiny_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No second device here: check that a device move re-traces the eager model holding the
+    # moved tensors (the dtype tests above run the same path end to end; benchmarks/gpu_check.py
+    # runs CUDA -> CPU).
+    import clip.jit
+
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["archive"]), device="cpu", jit=True)
+    seen: list[CLIP] = []
+
+    def record(eager: CLIP) -> None:
+        seen.append(eager)
+        raise NotImplementedError("recorded")
+
+    monkeypatch.setattr(clip.jit, "_trace_module", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        model.to("meta")
+    (eager,) = seen
+    assert {t.device.type for t in [*eager.parameters(), *eager.buffers()]} == {"meta"}
+    assert eager.visual.proj is model.visual.proj
+
+
+def test_jit_deepcopy_is_a_traced_clip_of_its_own(tiny_files: dict) -> None:
+    arch = TINY["tiny-rn"]
+    model, _ = clip.load(str(tiny_files["tiny-rn"]["archive"]), device="cpu", jit=True)
+    twin = copy.deepcopy(model)
+    assert type(twin) is type(model)
+    assert twin.visual.attnpool.c_proj.weight is not model.visual.attnpool.c_proj.weight
+    twin.half()  # follows its own casts, leaves the original alone
+    assert model.dtype == torch.float32 and model.visual.conv1.weight.dtype == torch.float32
+    images = sample_images(arch)
+    with torch.no_grad():
+        assert twin.encode_image(images).dtype == torch.float16
+        assert model.encode_image(images).dtype == torch.float32
 
 
 def test_jit_with_a_state_dict_warns_and_loads_eagerly(tiny_files: dict) -> None:

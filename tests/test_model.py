@@ -241,8 +241,16 @@ def test_mask_is_a_non_persistent_buffer_untouched_by_forward(arch: Arch) -> Non
 
 def test_mask_follows_dtype_and_device_moves(arch: Arch) -> None:
     model = fp32_model(arch).half()
-    assert model.transformer.resblocks[0].attn_mask.dtype == torch.float16
-    assert model.transformer.resblocks[0].mask_is_causal
+    block = model.transformer.resblocks[0]
+    assert block.attn_mask.dtype == torch.float16 and block.mask_is_causal
+    model.to("meta")  # the second device every machine has
+    assert block.attn_mask.device.type == "meta" and block.attn_mask.dtype == torch.float16
+    assert block.mask_is_causal
+    # a hooked attn runs the path that reads the mask: a mask left on the CPU would fail here
+    block.attn.register_forward_hook(lambda *args: None)
+    width = model.transformer.width
+    x = torch.zeros(arch.context_length, 2, width, device="meta", dtype=torch.float16)
+    assert model.transformer(x).device.type == "meta"
 
 
 # ---- towers and pooled outputs ------------------------------------------------------------

@@ -6,9 +6,12 @@ Deviation bounds are relative to the largest magnitude of the default model's ou
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
-from checkpoints import TINY, make_state_dict
+from checkpoints import TINY, Arch, make_state_dict
 from conftest import assert_rel_close, sample_images, sample_text
 from torch import nn
 
@@ -158,3 +161,23 @@ def test_compiling_again_keeps_refusing_edited_frozen_weights() -> None:
     assert_rel_close(
         image, encodings(build_from_state_dict(model.state_dict()), "tiny-vit")[0], rel=1e-5
     )
+
+
+# One block per tower: inductor's C++ build of a tiny model still takes a minute on 2 cores.
+ONE_BLOCK_VIT = Arch(32, 32, 1, 64, 16, 77, 49408, 64, 2, 1)
+HAS_CXX = bool(os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++"))))
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="inductor's CPU backend needs a C++ compiler (g++)")
+def test_compile_with_default_inductor_matches_default_and_refuses_weight_edits() -> None:
+    # the path clip.optimize(compile=True) takes by default: inductor with freezing
+    sd = make_state_dict(ONE_BLOCK_VIT)
+    model = clip.optimize(build_from_state_dict(sd).float(), compile=True)
+    default = build_from_state_dict(sd).float()
+    images, texts = sample_images(ONE_BLOCK_VIT, 3), sample_text(3)
+    with torch.no_grad():
+        assert_rel_close(model.encode_image(images), default.encode_image(images), rel=1e-5)
+        assert_rel_close(model.encode_text(texts), default.encode_text(texts), rel=1e-5)
+        model.visual.proj.mul_(2)
+        with pytest.raises(RuntimeError, match="changed in place"):
+            model.encode_image(images)
