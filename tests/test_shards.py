@@ -116,8 +116,8 @@ def test_plan_file_list_resolves_against_its_folder(tmp_path: Path, photos: list
     (lists / "batch.txt").write_text(text)
     planned = plan_shards([str(lists / "batch.txt")], shard_size=2)
     assert [s.name for s in planned] == ["batch-00000", "batch-00001"]
-    assert [s.members for s in planned] == [
-        (str(lists / relative), photos[1]),
+    assert [s.members for s in planned] == [  # one spelling: normalised absolute paths
+        (os.path.normpath(lists / relative), photos[1]),
         (photos[3], str(lists / "new.jpg")),
     ]
     assert all(s.kind == "files" and s.source == str(lists / "batch.txt") for s in planned)
@@ -135,7 +135,7 @@ def test_plan_parquet_columns_and_rows(tmp_path: Path) -> None:
     ]
     assert {(s.kind, s.source, s.column) for s in cut} == {("parquet", str(by_path), "path")}
     whole = plan_shards([str(by_path)], shard_size=5)
-    assert [(s.name, s.start, s.stop) for s in whole] == [("meta", 0, 5)]
+    assert [(s.name, s.start, s.stop) for s in whole] == [("meta-00000", 0, 5)]
     by_url = write_parquet(tmp_path / "urls.parquet", url=rows)
     assert [s.column for s in plan_shards([str(by_url)])] == ["url"]
     both = write_parquet(tmp_path / "both.parquet", url=rows, path=rows)
@@ -416,11 +416,11 @@ def test_write_read_and_finished(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="other fingerprint"):
         finished(out, Shard("part", "files", "", ("a", "b")), META)
     (tmp_path / "out" / "part.stats.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable"):
-        finished(out, shard, META)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert not finished(out, shard, META)  # redone, not trusted
     (tmp_path / "out" / "part.stats.json").unlink()
-    with pytest.raises(ValueError, match="unreadable"):
-        finished(out, shard, META)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert not finished(out, shard, META)
     shards.write_shard(out, shard, result, META, torch.float32)
     (tmp_path / "out" / "part.parquet").unlink()  # stats alone: the shard is not done
     assert not finished(out, shard, META)
@@ -514,7 +514,7 @@ def test_float16_output_and_dtype_mismatch(
     expected = embed_images(vit_model, photos[:4], batch_size=2)
     assert ids == expected.paths
     assert torch.equal(embeddings, expected.embeddings.half().float())
-    with pytest.raises(ValueError, match="other dtype"):
+    with pytest.raises(ValueError, match="dtype: recorded 'float16', this run 'float32'"):
         embed_dataset(photos[:4], tmp_path, model=vit_file, batch_size=2, shard_size=4)
 
 
