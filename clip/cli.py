@@ -23,7 +23,7 @@ import torch
 
 from clip import pipeline
 from clip.clip import load
-from clip.data.discover import discover
+from clip.data.discover import Found, discover, kind_of
 from clip.data.embed import default_device
 from clip.data.resume import model_digest, resume_file, weights_digest
 from clip.download import MODELS, default_cache_dir
@@ -308,11 +308,14 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
 
 def _images(inputs: Sequence[str]) -> list[str]:
     """Image paths (normalised, each once) of the inputs of a single-file job."""
+    named = [i for i in inputs if kind_of(i) in ("tar", "parquet", "list")]
     try:
         found = discover(inputs)
     except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    sharded = found.tars + found.parquets + found.lists
+        if not named:
+            raise UsageError(str(e)) from e
+        found = Found()
+    sharded = named + found.tars + found.parquets + found.lists
     if sharded:
         raise UsageError(
             f"{sharded[0]} is read shard by shard: give --out FOLDER (one output per shard)"
