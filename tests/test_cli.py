@@ -373,3 +373,22 @@ def test_exit_codes_of_real_runs_are_the_documented_ones(
         assert f"{code} {meaning}" in cli._parser().epilog
         assert f"{code} {meaning}" in (ROOT / "README.md").read_text()
     assert set(runs) == set(documented)
+
+
+def test_embed_retry_failed_reruns_failed_rows_of_finished_shards(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    from clip.shards import read_shard
+
+    late = tmp_path / "late.png"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images['jpeg']}\n{late}\n")
+    out = str(tmp_path / "shards")
+    assert embed(checkpoint, str(listing), "--out", out) == 0
+    assert read_shard(f"{out}/list-00000.parquet")[0] == [str(images["jpeg"])]
+    Image.new("RGB", (40, 40), "red").save(late)
+    assert embed(checkpoint, str(listing), "--out", out, "--retry-failed") == 0
+    assert "reran the failed rows of 1" in capsys.readouterr().err
+    assert read_shard(f"{out}/list-00000.parquet")[0] == [str(images["jpeg"]), str(late)]
+    assert embed(checkpoint, str(images["jpeg"]), "--out", f"{out}.npy", "--retry-failed") == 2
+    assert "folder of shards" in capsys.readouterr().err

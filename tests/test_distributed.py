@@ -216,14 +216,14 @@ def test_tar_and_parquet_shards_on_ray(
         batch_size=BATCH,
         dtype="float16",
     )
-    assert sorted(summary.written) == ["rows", "web-000"]
+    assert sorted(summary.written) == ["rows-00000", "web-000"]
     rows = shard_rows(out)
     assert rows["web-000"][0] == [f"{i:06d}" for i in range(20)]
-    assert rows["rows"][0] == table.column("path").to_pylist()
-    for name, chunk in (("web-000", paths[:20]), ("rows", paths[20:])):
+    assert rows["rows-00000"][0] == table.column("path").to_pylist()
+    for name, chunk in (("web-000", paths[:20]), ("rows-00000", paths[20:])):
         expected = pipeline.embed_images(vit_model, chunk, batch_size=BATCH).embeddings
         torch.testing.assert_close(rows[name][1], expected.half().float(), rtol=0, atol=1e-3)
-    schema = pq.read_schema(out / "rows.parquet")
+    schema = pq.read_schema(out / "rows-00000.parquet")
     width = pipeline.embedding_width(vit_model)
     assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{width}]"
 
