@@ -23,7 +23,7 @@ import torch
 
 from clip import pipeline
 from clip.clip import load
-from clip.data.discover import Found, discover, kind_of
+from clip.data.discover import discover, kind_of, read_list
 from clip.data.embed import default_device
 from clip.data.resume import model_digest, resume_file, weights_digest
 from clip.download import MODELS, default_cache_dir
@@ -307,22 +307,27 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
 
 
 def _images(inputs: Sequence[str]) -> list[str]:
-    """Image paths (normalised, each once) of the inputs of a single-file job."""
-    named = [i for i in inputs if kind_of(i) in ("tar", "parquet", "list")]
+    """Image paths (normalised, each once) of a single-file job: images, and those of lists."""
+    named = [i for i in inputs if kind_of(i) in ("tar", "parquet")]
+    if named:  # before looking for them: the fix is the same whether they exist or not
+        raise UsageError(
+            f"{named[0]} is read shard by shard: give --out FOLDER (one output per shard)"
+        )
     try:
         found = discover(inputs)
-    except FileNotFoundError as e:
-        if not named:
-            raise UsageError(str(e)) from e
-        found = Found()
-    sharded = named + found.tars + found.parquets + found.lists
+        found.refuse_other()
+        listed = [p for listing in found.lists for p in read_list(listing)]
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    sharded = found.tars + found.parquets
     if sharded:
         raise UsageError(
             f"{sharded[0]} is read shard by shard: give --out FOLDER (one output per shard)"
         )
-    if not found.images:
+    images = sorted(set(found.images + listed))
+    if not images:
         raise UsageError(f"no images found in {', '.join(inputs)}")
-    return sorted(found.images)
+    return images
 
 
 def _captions(path: str) -> list[str]:

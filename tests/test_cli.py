@@ -392,3 +392,20 @@ def test_embed_retry_failed_reruns_failed_rows_of_finished_shards(
     assert read_shard(f"{out}/list-00000.parquet")[0] == [str(images["jpeg"]), str(late)]
     assert embed(checkpoint, str(images["jpeg"]), "--out", f"{out}.npy", "--retry-failed") == 2
     assert "folder of shards" in capsys.readouterr().err
+
+
+def test_embed_to_one_file_takes_lists_and_refuses_what_it_cannot_read(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    folder = tmp_path / "imgs"
+    (tmp_path / "list.txt").write_text(f"{images['jpeg']}\nimgs/b.png\n")
+    out = str(tmp_path / "e.npy")
+    assert embed(checkpoint, str(tmp_path / "list.txt"), "--out", out) == 0
+    assert pipeline.load_embeddings(out)[0] == sorted([str(images["jpeg"]), str(images["alpha"])])
+    (folder / "notes.md").write_text("no image")
+    assert embed(checkpoint, str(folder), "--out", out) == 2
+    assert "notes.md" in capsys.readouterr().err
+    (folder / "notes.md").unlink()
+    (folder / "C.TAR").write_bytes(b"")
+    assert embed(checkpoint, str(folder), "--out", out) == 2
+    assert "C.TAR is read shard by shard" in capsys.readouterr().err

@@ -28,6 +28,7 @@ __all__ = [
     "as_list",
     "discover",
     "kind_of",
+    "read_list",
     "stem",
 ]
 
@@ -114,6 +115,36 @@ class Found:
         if kind == "other" and named:
             kind = "image"
         getattr(self, {"list": "lists", "other": "other"}.get(kind, f"{kind}s")).append(path)
+
+    def refuse_other(self) -> None:
+        """Raise if folders or globs held files that are no kind of input, naming them.
+
+        Raises:
+            ValueError: naming up to five of them, and the fix.
+        """
+        if self.other:
+            shown = ", ".join(self.other[:5]) + (" …" if len(self.other) > 5 else "")
+            raise ValueError(
+                f"{len(self.other)} files found in the input folders/globs are not images, .tar, "
+                f".parquet or .txt/.lst lists: {shown}; move them out, or give a glob that "
+                "matches only inputs (e.g. 'photos/**/*.jpg')"
+            )
+
+
+def read_list(path: str) -> list[str]:
+    """The image paths in a file list (one a line; ``#`` comments), relative ones taken from the
+    list's folder, normalised.
+
+    Raises:
+        ValueError: if the list names a tar, Parquet file or another list.
+    """
+    folder = os.path.dirname(path)
+    lines = [line.strip() for line in fs.read_bytes(path).decode("utf-8").splitlines()]
+    paths = [p if fs.is_url(p) else fs.join(folder, p) for p in lines if p and p[0] != "#"]
+    refused = [p for p in paths if kind_of(p) in ("tar", "parquet", "list")]
+    if refused:
+        raise ValueError(f"{path} lists {refused[0]}: a list holds images; give it as an input")
+    return [fs.normalize(p) for p in paths]
 
 
 def discover(inputs: Union[PathLike, Iterable[PathLike]]) -> Found:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional, Union
 
 from clip.data import fs
-from clip.data.discover import PathLike, discover, kind_of, stem
+from clip.data.discover import PathLike, discover, read_list, stem
 from clip.data.write import pyarrow, read_json
 
 __all__ = ["PLAN_FILE", "Shard", "plan_shards", "use_plan"]
@@ -108,32 +108,15 @@ def plan_shards(
     if shard_size < 1:
         raise ValueError(f"shard_size must be ≥ 1, got {shard_size}")
     found = discover(inputs)
-    if found.other:
-        shown = ", ".join(found.other[:5]) + (" …" if len(found.other) > 5 else "")
-        raise ValueError(
-            f"{len(found.other)} files found in the input folders/globs are not images, .tar, "
-            f".parquet or .txt/.lst lists: {shown}; move them out, or give a glob that matches "
-            "only inputs (e.g. 'photos/**/*.jpg')"
-        )
+    found.refuse_other()
     shards = [Shard(stem(tar), "tar", tar) for tar in found.tars]
     for table in found.parquets:
         shards.extend(_parquet_shards(table, shard_size, column))
     for listing in found.lists:
-        shards.extend(_file_shards(stem(listing), _listed(listing), shard_size, listing))
+        shards.extend(_file_shards(stem(listing), read_list(listing), shard_size, listing))
     shards.extend(_file_shards("images", sorted(found.images), shard_size, ""))
     _check_unique(shards)
     return shards
-
-
-def _listed(path: str) -> list[str]:
-    """The paths in a file list, relative ones taken from the list's folder."""
-    folder = os.path.dirname(path)
-    lines = [line.strip() for line in fs.read_bytes(path).decode("utf-8").splitlines()]
-    paths = [p if fs.is_url(p) else fs.join(folder, p) for p in lines if p and p[0] != "#"]
-    refused = [p for p in paths if kind_of(p) in ("tar", "parquet", "list")]
-    if refused:
-        raise ValueError(f"{path} lists {refused[0]}: a list holds images; give it as an input")
-    return [fs.normalize(p) for p in paths]
 
 
 def _file_shards(prefix: str, paths: list[str], size: int, source: str) -> list[Shard]:
@@ -284,7 +267,8 @@ def _compare_settings(path: str, recorded: dict[str, Any], wanted: dict[str, Any
         hint = ", ".join(_FLAGS.get(k, k) for k in changed)
         raise ValueError(
             f"{path} records another job ({what}); rerun with the recorded settings ({hint}) "
-            "to resume it, or write to a new output folder"
+            "to resume it, or write to a new output folder (or delete plan.json if that job "
+            "wrote no shard yet)"
         )
 
 
