@@ -694,3 +694,23 @@ def test_retry_failed_merges_rows_that_now_succeed(
     assert finished(str(out), plan_shards(inputs / "list.txt")[0], {
         k: stats[k] for k in ("model_digest", "precision", "dtype", "decode")
     })  # fmt: skip
+
+
+def test_weights_digest_tells_same_width_models_apart(vit_file: str, tmp_path: Path) -> None:
+    from checkpoints import TINY, make_state_dict
+
+    import clip
+    from clip.data.resume import model_digest, weights_digest
+
+    one, _ = clip.load(vit_file, device="cpu")
+    again, _ = clip.load(vit_file, device="cpu")
+    other_file = tmp_path / "other.pt"
+    torch.save(make_state_dict(TINY["tiny-vit"], salt=1), other_file)
+    other, _ = clip.load(str(other_file), device="cpu")
+    assert weights_digest(one) == weights_digest(again) != weights_digest(other)
+    assert model_digest(vit_file) != model_digest(str(other_file))
+    assert model_digest(vit_file).startswith("sha256:")  # type: ignore[union-attr]
+    from clip.download import MODELS
+
+    sha = MODELS["ViT-B/32"].split("/")[-2]  # a released name: its URL's SHA256, nothing read
+    assert model_digest("ViT-B/32") == f"sha256:{sha}"

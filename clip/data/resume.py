@@ -44,8 +44,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     """``weights-sha256:<hex>`` of the state dict: every name, shape, dtype and byte, in order."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim too (logit_scale)
+        h.update(f"{name}|{tuple(tensor.shape)}|{t.dtype}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return f"weights-sha256:{h.hexdigest()}"
 
