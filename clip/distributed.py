@@ -35,7 +35,7 @@ from clip import shards
 from clip.data.discover import PathLike, as_list
 from clip.data.embed import default_device, embedding_width, encode_images, input_resolution
 from clip.data.plan import use_plan
-from clip.data.resume import model_digest, pending, precision_of, weights_digest
+from clip.data.resume import model_digest, pending, precision_of, retry_shard, weights_digest
 from clip.data.write import raw_bytes
 from clip.preprocess import transform_uint8
 from clip.shards import Chunk, Shard, ShardAssembler
@@ -184,7 +184,7 @@ def embed_dataset(
     summary = JobSummary(len(mine), skipped=skipped, rank=rank, world_size=world_size)
     if retry_failed:
         by_name = {s.name: s for s in mine}
-        retry = [_retry_shard(by_name[n], stats) for n, stats in done.items() if stats["failed"]]
+        retry = [retry_shard(by_name[n], stats) for n, stats in done.items() if stats["failed"]]
         todo += [s for s in retry if s is not None]
         summary.retried = [s.name for s in retry if s is not None]
     settings = (out_dir, model, download_root, meta, dtype, preprocess, batch_size, fast_decode)
@@ -197,14 +197,6 @@ def embed_dataset(
         _run_local(job, todo, local, device, workers, summary, progress)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _retry_shard(shard: Shard, stats: dict[str, Any]) -> Optional[Shard]:
-    """The shard restricted to its failed rows (the whole shard if it was cut short)."""
-    ids = tuple(f["id"] for f in stats.get("failures", []))
-    if shard.source and shard.source in ids:  # the shard could not be read to its end: redo it
-        return shard
-    return Shard(**{**shard.__dict__, "only": ids}) if ids else None
 
 
 def _identity(

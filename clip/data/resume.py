@@ -32,6 +32,7 @@ __all__ = [
     "pending",
     "precision_of",
     "resume_file",
+    "retry_shard",
     "stats_file",
     "weights_digest",
 ]
@@ -218,3 +219,12 @@ def _finished_stats(
         )
         return None
     return recorded
+
+
+def retry_shard(shard: Shard, stats: dict[str, Any]) -> Optional[Shard]:
+    """``shard`` restricted to the rows its stats list as failed (None if none failed); the whole
+    shard if it could not be read to its end (a truncated tar), as it is then redone."""
+    ids = tuple(f["id"] for f in stats.get("failures", []))
+    if shard.source and shard.source in ids:
+        return shard
+    return Shard(**{**shard.__dict__, "only": ids}) if ids else None
