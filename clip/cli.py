@@ -21,8 +21,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from clip import pipeline, shards
+from clip import pipeline
 from clip.clip import load
+from clip.data.discover import discover, kind_of, read_list
+from clip.data.embed import default_device
+from clip.data.resume import model_digest, resume_file, weights_digest
 from clip.download import MODELS, default_cache_dir
 from clip.tokenizer import tokenize
 
@@ -89,7 +92,8 @@ def _add_embed(sub: Any) -> None:
             "Embed images (files, folders searched recursively, glob patterns) or, with --text, "
             "captions (one per line) into L2-normalised float32 vectors. OUT.npy gets a sidecar "
             "OUT.rows.txt naming each row; OUT.parquet gets columns path (or text) and embedding. "
-            "Rerunning with the same --out embeds only inputs not already in it and appends. "
+            "Rerunning with the same --out embeds only inputs not already in it and appends; "
+            "an output of another model or precision is refused (OUT.meta.json records them). "
             "Unreadable images are skipped and listed on stderr. "
             "An --out without .npy/.parquet is a folder of shards: one SHARD.parquet (id, "
             "embedding) and SHARD.stats.json per input shard; inputs may then also be file lists "
@@ -107,6 +111,12 @@ def _add_embed(sub: Any) -> None:
         help="decode large JPEGs at reduced size (faster, not bit-exact)",
     )
     _common(p, batch_size=64)
+    p.add_argument(
+        "--precision",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype the model computes in (float16 on CUDA, else float32; Ray: float32); "
+        "recorded, and a rerun in another precision is refused",
+    )
     group = p.add_argument_group("sharded output (--out FOLDER)")
     group.add_argument(
         "--ray",
@@ -126,6 +136,11 @@ def _add_embed(sub: Any) -> None:
         "--dtype", choices=("float32", "float16"), default="float32", help="stored (float32)"
     )
     group.add_argument("--column", help="Parquet column of paths or URLs (path, else url)")
+    group.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="also rerun the failed rows of finished shards and merge those that succeed",
+    )
     group.add_argument(
         "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
     )
@@ -188,15 +203,29 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
     if _sharded(args):
         return _embed_shards(args, err)
+    if args.retry_failed:
+        raise UsageError(
+            "--retry-failed reruns the failed rows of a folder of shards (--out FOLDER)"
+        )
     key_name = "text" if args.text else "path"
     inputs = _captions(args.text) if args.text else _images(args.inputs)
-    done_keys, done = _existing(args.out)
-    seen = set(done_keys)
-    todo = [k for k in inputs if k not in seen]
+    if os.path.splitext(args.out)[1].lower() not in (".npy", ".parquet"):
+        raise UsageError(f"--out must end in .npy or .parquet, got {args.out!r}")
+    device = args.device or default_device()
+    precision = _precision(args, device)
+    digest = model_digest(args.model)
+    model = None if digest else _load(args, device, precision)
+    meta = {
+        "model": args.model,
+        "model_digest": digest or weights_digest(model),  # type: ignore[arg-type]
+        "precision": str(precision).removeprefix("torch."),
+        "key": key_name,
+    }
+    done_keys, done, todo = resume_file(args.out, inputs, meta)
     if not todo:
         _say(args, err, f"nothing to do: all {len(inputs)} inputs are already in {args.out}")
         return EXIT_OK
-    model = _load(args)
+    model = model or _load(args, device, precision)
     width = pipeline.embedding_width(model)
     if done_keys and done.shape[1] != width:
         raise RuntimeError(
@@ -208,11 +237,19 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     else:
         keys, new, failed, interrupted = _embed_image_files(model, todo, args)
     if keys:
-        pipeline.save_embeddings(args.out, [*done_keys, *keys], _cat(done, new), key_name)
+        rows = _cat(done, new)
+        pipeline.save_embeddings(args.out, [*done_keys, *keys], rows, key_name, meta=meta)
     _report(args, err, len(keys), len(done_keys), failed)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if keys or done_keys else EXIT_FAILURE
+
+
+def _precision(args: argparse.Namespace, device: str) -> torch.dtype:
+    """The dtype the model computes in: --precision, else float16 on CUDA (as clip.load)."""
+    if args.precision:
+        return getattr(torch, str(args.precision))
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def _sharded(args: argparse.Namespace) -> bool:
@@ -244,17 +281,21 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
             batch_size=args.batch_size,
             shard_size=args.shard_size,
             dtype=args.dtype,
+            precision=args.precision,
             column=args.column,
             fast_decode=args.fast_decode,
             actors=args.actors,
             workers=args.workers,
             device=args.device,
             download_root=args.cache_dir,
+            retry_failed=args.retry_failed,
             progress=_progress(args),
         )
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
     done = f" ({len(summary.skipped)} already done)" if summary.skipped else ""
+    if summary.retried:
+        done += f"; reran the failed rows of {len(summary.retried)}"
     rank = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     _say(
         args,
@@ -267,18 +308,27 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
 
 
 def _images(inputs: Sequence[str]) -> list[str]:
-    sharded = [i for i in inputs if i.lower().endswith(shards.SHARD_FILE_EXTENSIONS)]
+    """Image paths (normalised, each once) of a single-file job: images, and those of lists."""
+    named = [i for i in inputs if kind_of(i) in ("tar", "parquet")]
+    if named:  # before looking for them: the fix is the same whether they exist or not
+        raise UsageError(
+            f"{named[0]} is read shard by shard: give --out FOLDER (one output per shard)"
+        )
+    try:
+        found = discover(inputs)
+        found.refuse_other()
+        listed = [p for listing in found.lists for p in read_list(listing)]
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    sharded = found.tars + found.parquets
     if sharded:
         raise UsageError(
             f"{sharded[0]} is read shard by shard: give --out FOLDER (one output per shard)"
         )
-    try:
-        paths = pipeline.find_images(inputs)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    if not paths:
+    images = sorted(set(found.images + listed))
+    if not images:
         raise UsageError(f"no images found in {', '.join(inputs)}")
-    return paths
+    return images
 
 
 def _captions(path: str) -> list[str]:
@@ -291,15 +341,6 @@ def _captions(path: str) -> list[str]:
     if not captions:
         raise UsageError(f"{path} has no captions (one per line)")
     return captions
-
-
-def _existing(out: str) -> tuple[list[str], torch.Tensor]:
-    """What an earlier run left in ``out`` (nothing if it does not exist)."""
-    if os.path.splitext(out)[1].lower() not in (".npy", ".parquet"):
-        raise UsageError(f"--out must end in .npy or .parquet, got {out!r}")
-    if not os.path.exists(out):
-        return [], torch.empty(0, 0)
-    return pipeline.load_embeddings(out)
 
 
 def _cat(done: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -424,8 +465,11 @@ def _classifier(
 # ---- shared ---------------------------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> torch.nn.Module:
-    model, _ = load(args.model, device=args.device, download_root=args.cache_dir)
+def _load(
+    args: argparse.Namespace, device: Optional[str] = None, precision: Optional[torch.dtype] = None
+) -> torch.nn.Module:
+    device = device or args.device or default_device()
+    model, _ = load(args.model, device=device, download_root=args.cache_dir, dtype=precision)
     return model
 
 

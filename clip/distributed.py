@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -31,8 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from clip import pipeline, shards
-from clip.preprocess import normalize_uint8, transform_uint8
+from clip import shards
+from clip.data.discover import PathLike, as_list
+from clip.data.embed import default_device, embedding_width, encode_images, input_resolution
+from clip.data.plan import use_plan
+from clip.data.resume import model_digest, pending, precision_of, retry_shard, weights_digest
+from clip.data.write import raw_bytes
+from clip.preprocess import transform_uint8
 from clip.shards import Chunk, Shard, ShardAssembler
 
 __all__ = ["JobSummary", "embed_dataset"]
@@ -41,6 +46,7 @@ ModelSpec = Union[str, "os.PathLike[str]", Callable[[], nn.Module]]
 Transform = Callable[[Any], torch.Tensor]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -55,6 +61,7 @@ class JobSummary:
         failed: images that could not be read or decoded (listed in each shard's stats file).
         seconds: wall time of the run.
         rank, world_size: this process's share: shards ``rank::world_size`` (0, 1 with Ray).
+        retried: with ``retry_failed``, the finished shards whose failed rows were rerun.
     """
 
     shards: int
@@ -65,6 +72,7 @@ class JobSummary:
     seconds: float = 0.0
     rank: int = 0
     world_size: int = 1
+    retried: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,17 +89,19 @@ class _Job:
     draft_px: Optional[int]
     resolution: int
     width: int
+    precision: Optional[torch.dtype] = None
 
 
 def embed_dataset(
-    inputs: Sequence[str],
-    out_dir: str,
+    inputs: Union[PathLike, Iterable[PathLike]],
+    out_dir: PathLike,
     *,
     model: ModelSpec = "ViT-B/32",
     ray: Union[bool, str] = False,
     batch_size: int = 64,
     shard_size: int = 10_000,
     dtype: Union[str, torch.dtype] = torch.float32,
+    precision: Optional[Union[str, torch.dtype]] = None,
     column: Optional[str] = None,
     preprocess: Optional[Transform] = None,
     fast_decode: bool = False,
@@ -101,17 +111,21 @@ def embed_dataset(
     download_root: Optional[str] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    retry_failed: bool = False,
+    plan_wait_s: float = 600.0,
     progress: bool = False,
 ) -> JobSummary:
     """Embed images into one Parquet file per input shard under ``out_dir``, resumably.
 
-    Each shard gives ``<name>.parquet`` (``id``: the image's path, URL or tar key;
-    ``embedding``: L2-normalised, ``dtype``) and ``<name>.stats.json`` (counts, failures, the
-    settings). A rerun skips shards already written with the same inputs and settings.
+    Each shard gives ``<name>.parquet`` (``id``: the image's absolute path, URL, Parquet value or
+    tar key; ``embedding``: L2-normalised, ``dtype``) and ``<name>.stats.json`` (counts,
+    failures, the settings). The first run records the plan in ``plan.json``; a rerun skips the
+    shards already written with the same plan, model and precisions, and refuses other ones.
 
     Args:
         inputs: image files, folders, globs, file lists (``.txt``), Parquet files with a
-            path/URL column, webdataset-style ``.tar`` files (see :mod:`clip.shards`).
+            path/URL column, webdataset-style ``.tar`` files (see :mod:`clip.data.plan`); a
+            single ``str`` or ``Path`` is one input.
         out_dir: output folder, on a file system this process can write.
         model: a name from :func:`clip.available_models`, a checkpoint file, or a picklable
             zero-argument callable returning a model (called once per actor or rank).
@@ -121,6 +135,10 @@ def embed_dataset(
         batch_size: images per forward pass; shards are decoded in chunks of this size.
         shard_size: images (or Parquet rows) per shard for files, lists and Parquet inputs.
         dtype: ``float32`` or ``float16`` for the stored embeddings.
+        precision: the dtype the model computes in (``float32``, ``float16``, ``bfloat16``).
+            Default: ``float16`` for ranks on CUDA (as :func:`clip.load`), else ``float32``
+            (Ray jobs too). Recorded; a rerun in another precision is refused. Not for a
+            callable ``model`` (its own dtype is recorded).
         column: the Parquet column of paths or URLs (default ``path``, else ``url``).
         preprocess: PIL image → tensor; default the model's standard transform.
         fast_decode: decode large JPEGs reduced (faster; not bit-exact, see
@@ -130,41 +148,84 @@ def embed_dataset(
         device: ranks only: where the model runs (default ``cuda:LOCAL_RANK`` if CUDA, else cpu).
         download_root: where named models are downloaded (see :func:`clip.load`).
         rank, world_size: ranks only: override ``RANK`` / ``WORLD_SIZE``.
+        retry_failed: also rerun the failed rows of finished shards, merging those that now
+            succeed into the shard's output.
+        plan_wait_s: ranks other than 0: how long to wait for rank 0's ``plan.json``.
         progress: show a tqdm bar of shards (stderr).
 
     Returns:
         A :class:`JobSummary`.
 
     Raises:
-        ValueError: on bad sizes, an unknown dtype, a rank outside the world, or an output
-            folder holding shards written from other inputs, model or dtype.
+        ValueError: on bad sizes, an unknown dtype, a rank outside the world, inputs that
+            cannot be read, or an output folder holding another plan, model or precision.
         ImportError: for ``ray`` without the ``ray`` extra installed.
     """
     start = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    dtype = _dtype(dtype)
+    dtype = _dtype(dtype, _DTYPES, "dtype")
+    inputs, out_dir = as_list(inputs), os.fspath(out_dir)
+    rank, world_size = (0, 1) if ray is not False else _rank_and_world(rank, world_size)
+    device = device or default_device()
+    digest, compute, loaded = _identity(model, precision, ray, device, download_root)
     meta = {
-        "model": _model_id(model),
+        "model": _model_name(model),
+        "model_digest": digest,
+        "precision": str(compute).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
         "decode": "custom" if preprocess else "fast" if fast_decode else "exact",
     }
-    rank, world_size = (0, 1) if ray is not False else _rank_and_world(rank, world_size)
-    mine = shards.plan_shards(inputs, shard_size, column)[rank::world_size]
-    out_dir = os.fspath(out_dir)
-    todo = [s for s in mine if not shards.finished(out_dir, s, meta)]
-    skipped = [s.name for s in mine if s not in todo]
+    checked = {k: v for k, v in meta.items() if k != "model"}
+    planned = use_plan(out_dir, inputs, shard_size, column, checked, rank, plan_wait_s)
+    mine = planned[rank::world_size]
+    todo, done = pending(out_dir, mine, checked)
+    skipped = [s.name for s in mine if s.name in done]
     summary = JobSummary(len(mine), skipped=skipped, rank=rank, world_size=world_size)
+    if retry_failed:
+        by_name = {s.name: s for s in mine}
+        retry = [retry_shard(by_name[n], stats) for n, stats in done.items() if stats["failed"]]
+        todo += [s for s in retry if s is not None]
+        summary.retried = [s.name for s in retry if s is not None]
     settings = (out_dir, model, download_root, meta, dtype, preprocess, batch_size, fast_decode)
     if todo and ray is not False:
-        job = _job(*settings, _load_model(model, "cpu", download_root))  # to learn R and D
-        _run_ray(job, todo, ray, actors, summary, progress)
+        local = loaded or _load_model(model, "cpu", download_root, torch.float32)  # R and D
+        _run_ray(_job(*settings, local, compute), todo, ray, actors, summary, progress)
     elif todo:
-        device = device or _default_device()
-        local = _load_model(model, device, download_root)
-        _run_local(_job(*settings, local), todo, local, device, workers, summary, progress)
+        local = loaded or _load_model(model, device, download_root, compute)
+        job = _job(*settings, local, compute)
+        _run_local(job, todo, local, device, workers, summary, progress)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _identity(
+    spec: ModelSpec,
+    precision: Optional[Union[str, torch.dtype]],
+    ray: Union[bool, str],
+    device: str,
+    download_root: Optional[str],
+) -> tuple[str, torch.dtype, Optional[nn.Module]]:
+    """(model digest, compute dtype, the model if it had to be loaded to tell them)."""
+    if callable(spec) and not isinstance(spec, (str, os.PathLike)):
+        if precision is not None:
+            raise ValueError("precision= is for named or file models; a callable sets its own")
+        loaded = _load_model(spec, "cpu" if ray is not False else device, download_root)
+        return (
+            weights_digest(loaded),
+            _dtype(precision_of(loaded), _PRECISIONS, "precision"),
+            loaded,
+        )
+    if precision is not None:
+        compute = _dtype(precision, _PRECISIONS, "precision")
+    else:
+        on_cuda = ray is False and torch.device(device).type == "cuda"
+        compute = torch.float16 if on_cuda else torch.float32
+    digest = model_digest(spec)
+    if digest is None:  # a model folder or a hub name: only its weights can tell
+        loaded = _load_model(spec, device if ray is False else "cpu", download_root, compute)
+        return weights_digest(loaded), compute, loaded
+    return digest, compute, None
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -175,26 +236,27 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     return rank, world_size
 
 
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
-def _load_model(spec: ModelSpec, device: str, download_root: Optional[str] = None) -> nn.Module:
-    """The model of ``spec`` on ``device``, in eval mode."""
-    if callable(spec):
+def _load_model(
+    spec: ModelSpec,
+    device: str,
+    download_root: Optional[str] = None,
+    precision: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """The model of ``spec`` on ``device``, in eval mode, computing in ``precision``."""
+    if callable(spec) and not isinstance(spec, (str, os.PathLike)):
         return spec().to(device).eval()
     from clip.clip import load
 
-    model, _ = load(spec, device=device, download_root=download_root)
+    model, _ = load(spec, device=device, download_root=download_root, dtype=precision)
     return model.eval()
 
 
-def _dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    chosen = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if chosen not in _DTYPES.values():
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+def _dtype(
+    value: Union[str, torch.dtype], allowed: dict[str, torch.dtype], what: str
+) -> torch.dtype:
+    chosen = allowed.get(value) if isinstance(value, str) else value
+    if chosen not in allowed.values():
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     assert isinstance(chosen, torch.dtype)
     return chosen
 
@@ -209,54 +271,48 @@ def _job(
     batch_size: int,
     fast_decode: bool,
     model: nn.Module,
+    precision: Optional[torch.dtype] = None,
 ) -> _Job:
     """The settings every shard shares; ``model`` tells the input resolution and width."""
-    resolution = pipeline.input_resolution(model)
+    resolution = input_resolution(model)
     return _Job(
         out_dir,
         spec,
         download_root,
         meta,
         dtype,
-        preprocess or transform_uint8(resolution),  # finished by _embed
+        preprocess or transform_uint8(resolution),  # normalised by encode_images
         batch_size,
         resolution if fast_decode else None,
         resolution,
-        pipeline.embedding_width(model),
+        embedding_width(model),
+        precision,
     )
 
 
-def _model_id(spec: ModelSpec) -> str:
-    if callable(spec):
+def _model_name(spec: ModelSpec) -> str:
+    if callable(spec) and not isinstance(spec, (str, os.PathLike)):
         return f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', repr(spec))}"
     return os.fspath(spec)
 
 
-@torch.no_grad()
-def _embed(model: nn.Module, pixels: torch.Tensor, device: str) -> torch.Tensor:
-    """[n, 3, R, R] → [n, D] float32, L2-normalised (as :func:`clip.pipeline.embed_images`).
-
-    uint8 pixels (the default: a quarter of the bytes to move) are normalised on ``device``,
-    bit-identical to the standard transform.
-    """
-    if pixels.numel() == 0:
-        return torch.empty(0, pipeline.embedding_width(model))
-    pixels = pixels.to(device, non_blocking=True)
-    if pixels.dtype == torch.uint8:
-        pixels = normalize_uint8(pixels)
-    features = pipeline._call(model, "encode_image", pixels)
-    return pipeline._normalised(features).cpu()
+_embed = encode_images  # the one embed step, also run by the Ray actors
 
 
 def _finish(
     job: _Job, done: Optional[shards.FinishedShard], by_name: dict[str, Shard], summary: JobSummary
 ) -> None:
+    """Write a whole shard (or merge the rerun of its failed rows) and count it."""
     if done is None:
         return
-    stats = shards.write_shard(job.out_dir, by_name[done.name], done, job.meta, job.dtype)
-    summary.written.append(done.name)
-    summary.embedded += stats["embedded"]
-    summary.failed += stats["failed"]
+    shard = by_name[done.name]
+    if shard.only:
+        shards.merge_shard(job.out_dir, shard, done, job.meta, job.dtype)
+    else:
+        shards.write_shard(job.out_dir, shard, done, job.meta, job.dtype)
+        summary.written.append(done.name)
+    summary.embedded += len(done.ids)
+    summary.failed += len(done.failed)
 
 
 # ---- ranks (no Ray) -------------------------------------------------------------------------
@@ -341,18 +397,24 @@ class _DecodeShards:
                     "failed": np.array([json.dumps(c.failed)]),
                     "shape": np.array([json.dumps(list(pixels.shape))]),
                     "dtype": np.array([str(pixels.dtype).removeprefix("torch.")]),
-                    "pixels": np.array([pipeline._raw_bytes(pixels)], dtype=object),
+                    "pixels": np.array([raw_bytes(pixels)], dtype=object),
                 }
 
 
 class _EmbedActor:
     """Ray Data actor: one model; decoded chunks → embedded chunks (float32 bytes)."""
 
-    def __init__(self, spec: ModelSpec, download_root: Optional[str], threads: int) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        download_root: Optional[str],
+        threads: int,
+        precision: Optional[torch.dtype] = None,
+    ) -> None:
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = _load_model(spec, self.device, download_root)
+        self.model = _load_model(spec, self.device, download_root, precision)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -363,7 +425,7 @@ class _EmbedActor:
         pixels = torch.frombuffer(blob, dtype=dtype) if blob else torch.empty(0, dtype=dtype)
         embeddings = _embed(self.model, pixels.reshape(shape), self.device).contiguous()
         out = {k: batch[k] for k in ("shard", "number", "last", "ids", "failed")}
-        out["embedding"] = np.array([pipeline._raw_bytes(embeddings)], dtype=object)
+        out["embedding"] = np.array([raw_bytes(embeddings)], dtype=object)
         return out
 
 
@@ -416,7 +478,7 @@ def _run_ray(
         ds = ds.map_batches(_DecodeShards(job), batch_size=1, num_cpus=1, memory=_chunk_bytes(job))
         ds = ds.map_batches(
             _EmbedActor,
-            fn_constructor_args=(job.model, job.download_root, threads),
+            fn_constructor_args=(job.model, job.download_root, threads, job.precision),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=n),
             **resources,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from clip.pipeline import _model_device
+from clip.data.embed import model_device
 from clip.tokenizer import tokenize
 
 # Also ``imagenet_classes``, ``imagenet_templates``, ``imagenet_templates_short`` (lazy, below).
@@ -93,7 +93,7 @@ def zero_shot_classifier(
     prompts = [_fill(t, name) for name in classnames for t in templates]  # class-major
     context_length = int(getattr(model, "context_length", 77))
     tokens = tokenize(prompts, context_length=context_length)  # [C*T, L]
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     with torch.no_grad():
         sums, dtype = _summed_unit_embeddings(
             model, tokens, len(templates), batch_size, device, progress

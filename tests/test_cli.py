@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from checkpoints import TINY, make_state_dict
 from PIL import Image
 from test_pipeline import write_images
 
@@ -63,7 +64,8 @@ def test_embed_npy_equals_the_library(
     assert f"embedded {len(expected.paths)} images" in err
     assert f"{images['corrupt']}: " in err and f"{images['truncated']}: " in err
     assert "Traceback" not in err
-    assert sorted(os.listdir(tmp_path)) == ["e.npy", "e.rows.txt", "imgs"]  # no temp files left
+    # no temp files left; the sidecar records the model and precision
+    assert sorted(os.listdir(tmp_path)) == ["e.npy", "e.npy.meta.json", "e.rows.txt", "imgs"]
 
 
 def test_embed_parquet(
@@ -187,14 +189,51 @@ def test_embed_errors(checkpoint: str, images: dict, tmp_path: Path, capsys: Any
     assert "--out" in capsys.readouterr().err
 
 
-def test_embed_refuses_another_models_output(
+def test_embed_refuses_another_models_output_of_the_same_width(
     checkpoint: str, tiny_files: dict, images: dict, tmp_path: Path, capsys: Any
 ) -> None:
+    other = tmp_path / "other.pt"  # the same architecture and width, other weights
+    torch.save(make_state_dict(TINY["tiny-vit"], salt=1), other)
     out = tmp_path / "e.npy"
-    pipeline.save_embeddings(out, ["elsewhere.jpg"], torch.ones(1, 7))
+    assert embed(str(other), str(images["jpeg"]), "--out", str(out)) == 0
+    before = pipeline.load_embeddings(out)
+    assert embed(checkpoint, str(images["gray"]), "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "another model" in err and str(other) in err and checkpoint in err
+    keys, rows = pipeline.load_embeddings(out)
+    assert keys == before[0] and torch.equal(rows, before[1])  # untouched
+
+
+def test_embed_refuses_an_output_without_a_record(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "e.npy"
+    pipeline.save_embeddings(out, ["elsewhere.jpg"], torch.ones(1, 7))  # no meta sidecar
     assert embed(checkpoint, str(images["jpeg"]), "--out", str(out)) == 1
-    assert "7-dim" in capsys.readouterr().err
+    assert "no record of the model" in capsys.readouterr().err
     assert pipeline.load_embeddings(out)[0] == ["elsewhere.jpg"]
+
+
+def test_embed_refuses_another_precision(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    out = str(tmp_path / "e.npy")
+    assert embed(checkpoint, str(images["jpeg"]), "--out", out) == 0
+    assert embed(checkpoint, str(images["gray"]), "--out", out, "--precision", "bfloat16") == 1
+    err = capsys.readouterr().err
+    assert "'float32'" in err and "'bfloat16'" in err
+    assert len(pipeline.load_embeddings(out)[0]) == 1
+
+
+def test_embed_keys_rows_by_one_spelling(
+    checkpoint: str, images: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "e.npy")
+    assert embed(checkpoint, "imgs/a.jpg", "--out", out) == 0
+    assert embed(checkpoint, "./imgs/a.jpg", "imgs//b.png", "--out", out) == 0
+    keys = pipeline.load_embeddings(out)[0]
+    assert keys == [str(images["jpeg"]), str(images["alpha"])]  # absolute, each once
 
 
 def test_classify(tiny_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -308,6 +347,65 @@ def test_python_dash_m(tmp_path: Path) -> None:
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "missing.jpg" in run.stderr
 
 
-def test_exit_codes_are_documented() -> None:
-    assert (cli.EXIT_OK, cli.EXIT_FAILURE, cli.EXIT_USAGE, cli.EXIT_INTERRUPTED) == (0, 1, 2, 130)
-    assert "130" in (cli.__doc__ or "") and "usage error" in (cli.__doc__ or "")
+def test_exit_codes_of_real_runs_are_the_documented_ones(
+    checkpoint: str, images: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = str(tmp_path / "e.npy")
+    runs = {
+        cli.EXIT_OK: embed(checkpoint, str(images["jpeg"]), "--out", out),
+        cli.EXIT_FAILURE: embed(
+            checkpoint, str(images["corrupt"]), "--out", str(tmp_path / "f.npy")
+        ),
+        cli.EXIT_USAGE: embed(checkpoint, str(tmp_path / "missing.jpg"), "--out", out),
+    }
+    original = pipeline.iter_image_batches
+
+    def interrupted(model: torch.nn.Module, paths: list[str], **kw: Any) -> Iterator:
+        yield next(original(model, paths, **kw))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "iter_image_batches", interrupted)
+    runs[cli.EXIT_INTERRUPTED] = embed(checkpoint, str(tmp_path / "imgs"), "--out", out)
+    assert runs == {code: code for code in runs}
+    documented = {0: "success", 1: "runtime failure", 2: "usage error", 130: "interrupted"}
+    for code, meaning in documented.items():  # the module docstring, --help and the README
+        assert f"* {code} — {meaning}" in (cli.__doc__ or "")
+        assert f"{code} {meaning}" in cli._parser().epilog
+        assert f"{code} {meaning}" in (ROOT / "README.md").read_text()
+    assert set(runs) == set(documented)
+
+
+def test_embed_retry_failed_reruns_failed_rows_of_finished_shards(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    from clip.shards import read_shard
+
+    late = tmp_path / "late.png"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images['jpeg']}\n{late}\n")
+    out = str(tmp_path / "shards")
+    assert embed(checkpoint, str(listing), "--out", out) == 0
+    assert read_shard(f"{out}/list-00000.parquet")[0] == [str(images["jpeg"])]
+    Image.new("RGB", (40, 40), "red").save(late)
+    assert embed(checkpoint, str(listing), "--out", out, "--retry-failed") == 0
+    assert "reran the failed rows of 1" in capsys.readouterr().err
+    assert read_shard(f"{out}/list-00000.parquet")[0] == [str(images["jpeg"]), str(late)]
+    assert embed(checkpoint, str(images["jpeg"]), "--out", f"{out}.npy", "--retry-failed") == 2
+    assert "folder of shards" in capsys.readouterr().err
+
+
+def test_embed_to_one_file_takes_lists_and_refuses_what_it_cannot_read(
+    checkpoint: str, images: dict, tmp_path: Path, capsys: Any
+) -> None:
+    folder = tmp_path / "imgs"
+    (tmp_path / "list.txt").write_text(f"{images['jpeg']}\nimgs/b.png\n")
+    out = str(tmp_path / "e.npy")
+    assert embed(checkpoint, str(tmp_path / "list.txt"), "--out", out) == 0
+    assert pipeline.load_embeddings(out)[0] == sorted([str(images["jpeg"]), str(images["alpha"])])
+    (folder / "notes.md").write_text("no image")
+    assert embed(checkpoint, str(folder), "--out", out) == 2
+    assert "notes.md" in capsys.readouterr().err
+    (folder / "notes.md").unlink()
+    (folder / "C.TAR").write_bytes(b"")
+    assert embed(checkpoint, str(folder), "--out", out) == 2
+    assert "C.TAR is read shard by shard" in capsys.readouterr().err

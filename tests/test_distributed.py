@@ -8,6 +8,7 @@ bit-identical.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -215,14 +216,14 @@ def test_tar_and_parquet_shards_on_ray(
         batch_size=BATCH,
         dtype="float16",
     )
-    assert sorted(summary.written) == ["rows", "web-000"]
+    assert sorted(summary.written) == ["rows-00000", "web-000"]
     rows = shard_rows(out)
     assert rows["web-000"][0] == [f"{i:06d}" for i in range(20)]
-    assert rows["rows"][0] == table.column("path").to_pylist()
-    for name, chunk in (("web-000", paths[:20]), ("rows", paths[20:])):
+    assert rows["rows-00000"][0] == table.column("path").to_pylist()
+    for name, chunk in (("web-000", paths[:20]), ("rows-00000", paths[20:])):
         expected = pipeline.embed_images(vit_model, chunk, batch_size=BATCH).embeddings
         torch.testing.assert_close(rows[name][1], expected.half().float(), rtol=0, atol=1e-3)
-    schema = pq.read_schema(out / "rows.parquet")
+    schema = pq.read_schema(out / "rows-00000.parquet")
     width = pipeline.embedding_width(vit_model)
     assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{width}]"
 
@@ -297,3 +298,58 @@ def test_cli_rejects_sharded_misuse(
     inputs = [] if "--text" in extra or extra[0] == "data.tar" else ["photos/"]
     assert main(["embed", *inputs, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def _rank_process(rank: int, images: Path, out: Path, vit_file: str) -> subprocess.Popen:
+    code = (
+        "import sys; from clip.distributed import embed_dataset; "
+        "s = embed_dataset(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=8, "
+        "shard_size=24, workers=0, plan_wait_s=120); print(sorted(s.written))"
+    )
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "PYTHONPATH": str(Path.cwd())}
+    command = [sys.executable, "-c", code, str(images), str(out), vit_file]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_ranks_started_together_share_one_recorded_plan(
+    vit_file: str, images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    late = _rank_process(1, images, out, vit_file)  # rank 1 first: it must wait for rank 0
+    first = _rank_process(0, images, out, vit_file)
+    results = [p.communicate(timeout=300) for p in (first, late)]
+    assert [p.returncode for p in (first, late)] == [0, 0], [r[1][-2000:] for r in results]
+    plan = json.loads((out / "plan.json").read_text())
+    names = [s["name"] for s in plan["shards"]]
+    written = [eval(r[0].decode().strip().splitlines()[-1]) for r in results]
+    assert sorted(written[0] + written[1]) == sorted(names) and not set(written[0]) & set(
+        written[1]
+    )
+    ids = [k for p in sorted(out.glob("*.parquet")) for k in read_shard(str(p))[0]]
+    expected = [p for p in pipeline.find_images(images) if not p.endswith(("0500.jpg", "0501.png"))]
+    assert sorted(ids) == sorted(expected)  # every image once
+
+
+def test_other_ranks_use_the_recorded_plan_not_their_own_listing(
+    vit_file: str, tmp_path: Path
+) -> None:
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8 + i, 8)).save(folder / f"{i}.png")
+    job = {"model": vit_file, "shard_size": 2, "workers": 0, "world_size": 2}
+    zero = distributed.embed_dataset(folder, out, rank=0, **job)
+    Image.new("RGB", (9, 9)).save(folder / "0a.png")  # a listing now would shift every shard
+    one = distributed.embed_dataset(folder, out, rank=1, **job)
+    assert (zero.written, one.written) == (["images-00000"], ["images-00001"])
+    ids = [k for p in sorted(out.glob("*.parquet")) for k in read_shard(str(p))[0]]
+    assert ids == [str(folder / f"{i}.png") for i in range(4)]  # each once, as planned
+    with pytest.raises(ValueError, match="new shards: images-00002"):
+        distributed.embed_dataset(folder, out, rank=0, **job)  # rank 0 sees the change
+
+
+def test_a_rank_without_rank_zero_times_out_clearly(vit_file: str, tmp_path: Path) -> None:
+    with pytest.raises(TimeoutError, match="rank 0 to write"):
+        distributed.embed_dataset(
+            tmp_path, tmp_path / "out", model=vit_file, rank=1, world_size=2, plan_wait_s=0.3
+        )

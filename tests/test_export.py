@@ -88,3 +88,24 @@ def test_missing_exporter_gives_install_hint(
 def test_traced_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="jit=False"):
         clip.export_onnx(torch.nn.Linear(2, 2), tmp_path)  # type: ignore[arg-type]
+
+
+def test_export_files_reach_the_disk_before_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    model = build_from_state_dict(make_state_dict(TINY["tiny-vit"]))
+    monkeypatch.setattr(os, "fsync", recording)
+    files = clip.export_onnx(model, tmp_path / "onnx")
+    names = [Path(p).name for p in synced]
+    for path in files:
+        assert Path(path).name in names  # fsync'ed (in staging), then renamed
+    assert str(tmp_path / "onnx") in synced  # and the renames made durable

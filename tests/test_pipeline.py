@@ -231,3 +231,28 @@ def test_npy_rows_file_longer_than_array_is_tolerated(tmp_path: Path) -> None:
     Path(rows_file(out)).write_text("a\n")
     with pytest.raises(ValueError, match="do not belong together"):
         load_embeddings(out)
+
+
+def test_a_plain_string_or_path_is_one_item(vit: torch.nn.Module, tmp_path: Path) -> None:
+    files = write_images(tmp_path / "photos")
+    text = embed_texts(vit, "a photo of a cat")
+    assert text.shape == (1, vit.text_projection.shape[1])
+    assert torch.equal(text, embed_texts(vit, ["a photo of a cat"]))
+    for one in (str(files["jpeg"]), files["jpeg"]):
+        result = embed_images(vit, one)
+        assert result.paths == [str(files["jpeg"])] and result.embeddings.shape[0] == 1
+    everything = sorted(str(p) for p in files.values())
+    assert find_images(str(tmp_path / "photos")) == everything
+    assert find_images(tmp_path / "photos") == everything
+    with pytest.raises(TypeError, match=r"str or os\.PathLike"):
+        find_images(b"photos/")  # type: ignore[arg-type]
+
+
+def test_find_images_gives_one_spelling_per_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = write_images(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    found = find_images(["photos/a.jpg", "./photos/a.jpg", "photos//e.JPEG", "photos/"])
+    assert found == sorted(str(p) for p in files.values())
+    assert find_images("photos/a.jpg") == [str(files["jpeg"])]  # absolute
