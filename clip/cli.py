@@ -23,7 +23,9 @@ import torch
 
 from clip import pipeline, shards
 from clip.clip import load
+from clip.data import fs
 from clip.download import MODELS, default_cache_dir
+from clip.retry import RetryPolicy
 from clip.tokenizer import tokenize
 
 Printer = Callable[[str], None]
@@ -129,6 +131,22 @@ def _add_embed(sub: Any) -> None:
     group.add_argument(
         "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
     )
+    net = p.add_argument_group("URL inputs (http(s) rows of Parquet files and lists)")
+    net.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=RetryPolicy.retries,
+        metavar="N",
+        help=f"retries of a read that failed transiently (503, 429, reset, timeout); a 404 "
+        f"is not retried ({RetryPolicy.retries})",
+    )
+    net.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=RetryPolicy.timeout_s,
+        metavar="S",
+        help=f"seconds without a byte before a read is abandoned ({RetryPolicy.timeout_s:g})",
+    )
 
 
 def _add_classify(sub: Any) -> None:
@@ -153,6 +171,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -186,8 +211,17 @@ def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     if bool(args.inputs) == bool(args.text):
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
-    if _sharded(args):
-        return _embed_shards(args, err)
+    policy = RetryPolicy(retries=args.retries, timeout_s=args.timeout)
+    before = fs.set_default_policy(policy)  # every URL read of this command, in every worker
+    try:
+        if _sharded(args):
+            return _embed_shards(args, err)
+        return _embed_one_file(args, err)
+    finally:
+        fs.set_default_policy(before)
+
+
+def _embed_one_file(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     key_name = "text" if args.text else "path"
     inputs = _captions(args.text) if args.text else _images(args.inputs)
     done_keys, done = _existing(args.out)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clip import pipeline, shards
+from clip.data import fs
 from clip.preprocess import normalize_uint8, transform_uint8
 from clip.shards import Chunk, Shard, ShardAssembler
 
@@ -323,10 +324,12 @@ class _DecodeShards:
 
     def __init__(self, job: _Job) -> None:
         self.job = job
+        self.policy = fs.default_policy()  # the driver's URL retry policy, for the workers
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import numpy as np
 
+        fs.set_default_policy(self.policy)
         for text in batch["shard"]:
             shard = Shard.from_json(str(text))
             for c in shards.iter_chunks(

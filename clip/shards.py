@@ -24,7 +24,6 @@ import io
 import json
 import os
 import tarfile
-import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from typing import IO, Any, Callable, NamedTuple, Optional, Union
 import torch
 
 from clip import pipeline
+from clip.data import fs
 
 __all__ = [
     "SHARD_FILE_EXTENSIONS",
@@ -52,7 +52,6 @@ Transform = Callable[[Any], torch.Tensor]
 _TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 SHARD_FILE_EXTENSIONS = (*_TAR_EXTENSIONS, ".parquet")  # inputs read as shards of their own
 _LIST_EXTENSIONS = (".txt", ".lst")
-_URL_TIMEOUT_S = 30.0
 _FETCH_THREADS = 16  # concurrent URL fetches per chunk
 
 
@@ -299,11 +298,7 @@ def _parquet_rows(path: str, column: str, start: int, stop: int) -> list[Any]:
 
 
 def _fetcher(url: str) -> Callable[[], Source]:
-    def fetch() -> Source:
-        with urllib.request.urlopen(url, timeout=_URL_TIMEOUT_S) as response:
-            return io.BytesIO(response.read())
-
-    return fetch
+    return lambda: fs.open_read(url)  # retried as fs.default_policy() says
 
 
 def iter_chunks(
