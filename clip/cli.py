@@ -73,7 +73,6 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument(
         "--workers",
         type=_non_negative_int,
-        default=_default_workers(),
         metavar="N",
         help=f"image decoding processes, 0 decodes in the main one ({_default_workers()})",
     )
@@ -130,6 +129,9 @@ def _add_embed(sub: Any) -> None:
     group.add_argument("--column", help="Parquet column of paths or URLs (path, else url)")
     group.add_argument(
         "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
+    )
+    group.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs and progress bars"
     )
     net = p.add_argument_group("URL inputs (http(s) rows of Parquet files and lists)")
     net.add_argument(
@@ -211,6 +213,9 @@ def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     if bool(args.inputs) == bool(args.text):
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
+    _refuse_unused(args)
+    if args.workers is None and args.ray is None:
+        args.workers = _default_workers()
     policy = RetryPolicy(retries=args.retries, timeout_s=args.timeout)
     before = fs.set_default_policy(policy)  # every URL read of this command, in every worker
     try:
@@ -219,6 +224,18 @@ def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
         return _embed_one_file(args, err)
     finally:
         fs.set_default_policy(before)
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """Refuse the options the chosen engine would ignore."""
+    if args.ray is None and args.actors:
+        raise UsageError("--actors sets the number of Ray model replicas: add --ray or drop it")
+    if args.ray is None and args.verbose:
+        raise UsageError("--verbose shows Ray's own logs: add --ray or drop it")
+    if args.ray is not None and args.workers is not None:
+        raise UsageError(
+            "--workers sets local decoding processes; with --ray, Ray tasks decode: drop it"
+        )
 
 
 def _embed_one_file(args: argparse.Namespace, err: Callable[[str], None]) -> int:
@@ -285,6 +302,7 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
             device=args.device,
             download_root=args.cache_dir,
             progress=_progress(args),
+            verbose=args.verbose,
         )
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
@@ -409,6 +427,7 @@ def _classify(
     args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str], None]
 ) -> int:
     labels = _labels(args)
+    args.workers = _default_workers() if args.workers is None else args.workers
     paths = _images(args.images)
     model = _load(args)
     classifier, names = _classifier(model, labels, args)  # [D, C]
