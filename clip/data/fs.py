@@ -294,7 +294,8 @@ def glob(pattern: str) -> list[str]:
             raise _web_only(pattern, "globbed")
         return [pattern] if exists(pattern) else []
     fs, inner = _remote(pattern)
-    return sorted(fs.unstrip_protocol(p) for p in fs.glob(inner) if fs.isfile(p))
+    found = fs.glob(inner, detail=True)  # one listing; no request per match to tell files apart
+    return sorted(fs.unstrip_protocol(p) for p, info in found.items() if info["type"] == "file")
 
 
 def walk_files(folder: str) -> Iterator[str]:
