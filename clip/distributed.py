@@ -139,8 +139,8 @@ def embed_dataset(
         download_root: where named models are downloaded (see :func:`clip.load`).
         rank, world_size: ranks only: override ``RANK`` / ``WORLD_SIZE``.
         progress: show a tqdm bar of shards and images done, with rate and ETA (stderr).
-        verbose: Ray only: let Ray print its own logs and progress bars (default: warnings
-            and errors only).
+        verbose: Ray only: let Ray print its own logs and progress bars (default: errors
+            only; Ray's log files keep everything).
 
     Returns:
         A :class:`JobSummary`.
