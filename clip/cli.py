@@ -23,10 +23,12 @@ import torch
 
 from clip import pipeline
 from clip.clip import load
+from clip.data import fs
 from clip.data.discover import discover, kind_of, read_list
 from clip.data.embed import default_device
 from clip.data.resume import model_digest, resume_file, weights_digest
 from clip.download import MODELS, default_cache_dir
+from clip.retry import RetryPolicy
 from clip.tokenizer import tokenize
 
 Printer = Callable[[str], None]
@@ -74,7 +76,6 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument(
         "--workers",
         type=_non_negative_int,
-        default=_default_workers(),
         metavar="N",
         help=f"image decoding processes, 0 decodes in the main one ({_default_workers()})",
     )
@@ -144,6 +145,25 @@ def _add_embed(sub: Any) -> None:
     group.add_argument(
         "--actors", type=_positive_int, metavar="N", help="Ray model replicas (one per GPU)"
     )
+    group.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs and progress bars"
+    )
+    net = p.add_argument_group("URL inputs (http(s) rows of Parquet files and lists)")
+    net.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=RetryPolicy.retries,
+        metavar="N",
+        help=f"retries of a read that failed transiently (503, 429, reset, timeout); a 404 "
+        f"is not retried ({RetryPolicy.retries})",
+    )
+    net.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=RetryPolicy.timeout_s,
+        metavar="S",
+        help=f"seconds without a byte before a read is abandoned ({RetryPolicy.timeout_s:g})",
+    )
 
 
 def _add_classify(sub: Any) -> None:
@@ -168,6 +188,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -201,12 +228,36 @@ def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
 def _embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     if bool(args.inputs) == bool(args.text):
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
-    if _sharded(args):
-        return _embed_shards(args, err)
-    if args.retry_failed:
+    _refuse_unused(args)
+    if args.workers is None and args.ray is None:
+        args.workers = _default_workers()
+    policy = RetryPolicy(retries=args.retries, timeout_s=args.timeout)
+    before = fs.set_default_policy(policy)  # every URL read of this command, in every worker
+    try:
+        if _sharded(args):
+            return _embed_shards(args, err)
+        if args.retry_failed:
+            raise UsageError(
+                "--retry-failed reruns the failed rows of a folder of shards (--out FOLDER)"
+            )
+        return _embed_one_file(args, err)
+    finally:
+        fs.set_default_policy(before)
+
+
+def _refuse_unused(args: argparse.Namespace) -> None:
+    """Refuse the options the chosen engine would ignore."""
+    if args.ray is None and args.actors:
+        raise UsageError("--actors sets the number of Ray model replicas: add --ray or drop it")
+    if args.ray is None and args.verbose:
+        raise UsageError("--verbose shows Ray's own logs: add --ray or drop it")
+    if args.ray is not None and args.workers is not None:
         raise UsageError(
-            "--retry-failed reruns the failed rows of a folder of shards (--out FOLDER)"
+            "--workers sets local decoding processes; with --ray, Ray tasks decode: drop it"
         )
+
+
+def _embed_one_file(args: argparse.Namespace, err: Callable[[str], None]) -> int:
     key_name = "text" if args.text else "path"
     inputs = _captions(args.text) if args.text else _images(args.inputs)
     if os.path.splitext(args.out)[1].lower() not in (".npy", ".parquet"):
@@ -290,6 +341,7 @@ def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
             download_root=args.cache_dir,
             retry_failed=args.retry_failed,
             progress=_progress(args),
+            verbose=args.verbose,
         )
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
@@ -416,6 +468,7 @@ def _classify(
     args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str], None]
 ) -> int:
     labels = _labels(args)
+    args.workers = _default_workers() if args.workers is None else args.workers
     paths = _images(args.images)
     model = _load(args)
     classifier, names = _classifier(model, labels, args)  # [D, C]

@@ -19,7 +19,9 @@ Ray is an optional extra: ``pip install 'clip-torch[ray]'``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clip import shards
+from clip.data import fs
 from clip.data.discover import PathLike, as_list
 from clip.data.embed import default_device, embedding_width, encode_images, input_resolution
 from clip.data.plan import use_plan
@@ -106,7 +109,7 @@ def embed_dataset(
     preprocess: Optional[Transform] = None,
     fast_decode: bool = False,
     actors: Optional[int] = None,
-    workers: int = 2,
+    workers: Optional[int] = None,
     device: Optional[str] = None,
     download_root: Optional[str] = None,
     rank: Optional[int] = None,
@@ -114,6 +117,7 @@ def embed_dataset(
     retry_failed: bool = False,
     plan_wait_s: float = 600.0,
     progress: bool = False,
+    verbose: bool = False,
 ) -> JobSummary:
     """Embed images into one Parquet file per input shard under ``out_dir``, resumably.
 
@@ -144,31 +148,41 @@ def embed_dataset(
         fast_decode: decode large JPEGs reduced (faster; not bit-exact, see
             :func:`clip.pipeline.embed_images`).
         actors: Ray only: model replicas (default: one per GPU, or one on a CPU-only cluster).
-        workers: ranks only: DataLoader processes decoding shards (0: in this process).
-        device: ranks only: where the model runs (default ``cuda:LOCAL_RANK`` if CUDA, else cpu).
+            More than the cluster can place is refused up front instead of waiting forever.
+        workers: ranks only: DataLoader processes decoding shards (default 2; 0: in this
+            process).
+        device: where the model runs. Ranks: any device (default ``cuda:LOCAL_RANK`` if CUDA,
+            else cpu). Ray: ``"cuda"`` (one GPU per actor), ``"cpu"``, or None for GPUs when
+            the cluster has any.
         download_root: where named models are downloaded (see :func:`clip.load`).
         rank, world_size: ranks only: override ``RANK`` / ``WORLD_SIZE``.
         retry_failed: also rerun the failed rows of finished shards, merging those that now
             succeed into the shard's output.
         plan_wait_s: ranks other than 0: how long to wait for rank 0's ``plan.json``.
-        progress: show a tqdm bar of shards (stderr).
+        progress: show a tqdm bar of shards and images done, with rate and ETA (stderr).
+        verbose: Ray only: let Ray print its own logs and progress bars (default: errors
+            only; Ray's log files keep everything).
 
     Returns:
         A :class:`JobSummary`.
 
     Raises:
-        ValueError: on bad sizes, an unknown dtype, a rank outside the world, inputs that
-            cannot be read, or an output folder holding another plan, model or precision.
+        ValueError: on bad sizes, an unknown dtype, a rank outside the world, an option the
+            chosen engine does not use (``actors``/``verbose`` without Ray; ``workers``,
+            ``rank``, ``world_size`` with Ray), more actors than the Ray cluster can place,
+            inputs that cannot be read, or an output folder holding another plan, model or
+            precision.
         ImportError: for ``ray`` without the ``ray`` extra installed.
     """
     start = time.perf_counter()
+    _refuse_unused(ray, actors, workers, device, rank, world_size, verbose)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     dtype = _dtype(dtype, _DTYPES, "dtype")
     inputs, out_dir = as_list(inputs), os.fspath(out_dir)
     rank, world_size = (0, 1) if ray is not False else _rank_and_world(rank, world_size)
-    device = device or default_device()
-    digest, compute, loaded = _identity(model, precision, ray, device, download_root)
+    local_device = device or default_device()  # ranks only; Ray actors choose by `device`
+    digest, compute, loaded = _identity(model, precision, ray, local_device, download_root)
     meta = {
         "model": _model_name(model),
         "model_digest": digest,
@@ -190,11 +204,13 @@ def embed_dataset(
     settings = (out_dir, model, download_root, meta, dtype, preprocess, batch_size, fast_decode)
     if todo and ray is not False:
         local = loaded or _load_model(model, "cpu", download_root, torch.float32)  # R and D
-        _run_ray(_job(*settings, local, compute), todo, ray, actors, summary, progress)
-    elif todo:
-        local = loaded or _load_model(model, device, download_root, compute)
         job = _job(*settings, local, compute)
-        _run_local(job, todo, local, device, workers, summary, progress)
+        _run_ray(job, todo, ray, _RayOptions(actors, device, progress, verbose), summary)
+    elif todo:
+        local = loaded or _load_model(model, local_device, download_root, compute)
+        job = _job(*settings, local, compute)
+        workers = 2 if workers is None else workers
+        _run_local(job, todo, local, local_device, workers, summary, progress)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -363,6 +379,47 @@ def _run_local(
 # ---- Ray ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _RayOptions:
+    """What the Ray engine takes beyond the job: actors, their device, and what to show."""
+
+    actors: Optional[int]
+    device: Optional[str]
+    progress: bool
+    verbose: bool
+
+
+def _refuse_unused(
+    ray: Union[bool, str],
+    actors: Optional[int],
+    workers: Optional[int],
+    device: Optional[str],
+    rank: Optional[int],
+    world_size: Optional[int],
+    verbose: bool,
+) -> None:
+    """Refuse the options the chosen engine would silently ignore."""
+    if ray is False:
+        for name, given in (("actors", actors is not None), ("verbose", verbose)):
+            if given:
+                raise ValueError(
+                    f"{name}= is an option of the Ray engine, and this job runs without Ray "
+                    "(torchrun ranks): pass ray=True or drop it"
+                )
+        return
+    for name, value in (("workers", workers), ("rank", rank), ("world_size", world_size)):
+        if value is not None:
+            raise ValueError(
+                f"{name}= is an option of torchrun ranks; the Ray engine does not use it (Ray "
+                "tasks decode and Ray spreads the shards): drop it, or run without ray="
+            )
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(
+            f"on Ray, device must be 'cuda' (a GPU per actor, chosen by Ray), 'cpu' or None, "
+            f"got {device!r}"
+        )
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -379,10 +436,12 @@ class _DecodeShards:
 
     def __init__(self, job: _Job) -> None:
         self.job = job
+        self.policy = fs.default_policy()  # the driver's URL retry policy, for the workers
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         import numpy as np
 
+        fs.set_default_policy(self.policy)
         for text in batch["shard"]:
             shard = Shard.from_json(str(text))
             for c in shards.iter_chunks(
@@ -409,11 +468,12 @@ class _EmbedActor:
         spec: ModelSpec,
         download_root: Optional[str],
         threads: int,
+        gpu: bool,
         precision: Optional[torch.dtype] = None,
     ) -> None:
-        if not torch.cuda.is_available():
+        if not gpu:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = "cuda" if gpu else "cpu"
         self.model = _load_model(spec, self.device, download_root, precision)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -434,28 +494,84 @@ def _chunk_bytes(job: _Job) -> int:
     return 768 * 2**20 + 4 * job.batch_size * 3 * job.resolution**2 * 4
 
 
-def _connect(ray: Any, address: Union[bool, str]) -> bool:
-    """Join a cluster (or start a local one); True if this call started Ray."""
+def _connect(ray: Any, address: Union[bool, str], verbose: bool) -> bool:
+    """Join a cluster (or start a local one); True if this call started Ray.
+
+    Unless ``verbose``, Ray's Python loggers show only errors and workers' output stays in
+    Ray's log files. (Ray's C++ core still prints one ``E … core_worker.cc`` line per actor
+    it starts, about constructor arguments in the object store, ray-project/ray#53727: harmless
+    here, as the arguments live as long as the job.)
+    """
     if ray.is_initialized():
         return False
     ray.init(
         address=address if isinstance(address, str) and address else None,
         include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
+        log_to_driver=verbose,
+        logging_level="INFO" if verbose else "ERROR",
     )
     return True
 
 
-def _actor_plan(ray: Any, actors: Optional[int]) -> tuple[int, dict[str, float], int]:
-    """(actors, their resources, torch threads each): a GPU each, or a share of the CPUs."""
+@contextlib.contextmanager
+def _ray_data_output(ray: Any, verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``: no Ray Data progress bars, INFO lines or warnings on the terminal
+    while the job runs (its warnings are about its own progress bars and scheduling, which this
+    job reports itself). Ray Data's log file keeps everything."""
+    if verbose:
+        yield
+        return
+    context = ray.data.DataContext.get_current()
+    names = [n for n in ("enable_progress_bars", "print_on_execution_start") if hasattr(context, n)]
+    saved = {n: getattr(context, n) for n in names}
+    consoles = [
+        h
+        for h in logging.getLogger("ray.data").handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    levels = [h.level for h in consoles]
+    for n in names:
+        setattr(context, n, False)
+    for h in consoles:
+        h.setLevel(max(h.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for h, level in zip(consoles, levels):
+            h.setLevel(level)
+        for n, value in saved.items():
+            setattr(context, n, value)
+
+
+def _actor_plan(
+    ray: Any, actors: Optional[int], device: Optional[str] = None
+) -> tuple[int, dict[str, float], int]:
+    """(actors, their resources, torch threads each): a GPU each, or a share of the CPUs.
+
+    Raises:
+        ValueError: when the cluster cannot place the actors asked for (Ray would wait for
+            them forever), or ``device="cuda"`` on a cluster without GPUs.
+    """
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus:
-        return actors or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
+    cpus = float(resources.get("CPU", 0))
+    if device == "cuda" or (device is None and gpus):
+        n = actors or max(gpus, 1)
+        if n > gpus:
+            raise ValueError(
+                f"asked for {n} GPU actors but the Ray cluster has {gpus} GPUs "
+                f"({gpus} GPU, {cpus:g} CPU): ask for at most {gpus} actors"
+                + (", or device='cpu'" if not gpus else "")
+            )
+        return n, {"num_gpus": 1, "num_cpus": 1}, 1
     n = actors or 1
-    cpus = float(resources.get("CPU", 1))
     share = max(0.25, (cpus - 1) / n)  # leave one CPU to the decode tasks
+    if n * share + 1 > cpus:
+        most = max(0, int(4 * (cpus - 1)))
+        raise ValueError(
+            f"asked for {n} CPU actors but the Ray cluster has {cpus:g} CPUs: each actor needs "
+            f"at least 0.25 CPU and decoding 1, so it can place at most {most}"
+        )
     return n, {"num_cpus": share}, max(1, int(share))
 
 
@@ -463,27 +579,30 @@ def _run_ray(
     job: _Job,
     todo: list[Shard],
     address: Union[bool, str],
-    actors: Optional[int],
+    options: _RayOptions,
     summary: JobSummary,
-    progress: bool,
 ) -> None:
     ray = _import_ray()
-    started = _connect(ray, address)
+    started = _connect(ray, address, options.verbose)
     try:
-        n, resources, threads = _actor_plan(ray, actors)
-        rows = [{"shard": s.to_json()} for s in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        # Decode tasks reserve memory for the chunks they hold; as the actors ask for other
-        # resources, Ray Data does not fuse the two, so decoding stays in its own CPU tasks.
-        ds = ds.map_batches(_DecodeShards(job), batch_size=1, num_cpus=1, memory=_chunk_bytes(job))
-        ds = ds.map_batches(
-            _EmbedActor,
-            fn_constructor_args=(job.model, job.download_root, threads, job.precision),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=n),
-            **resources,
-        )
-        _collect(job, ds.iter_rows(), todo, summary, progress)
+        n, resources, threads = _actor_plan(ray, options.actors, options.device)
+        gpu = "num_gpus" in resources
+        with _ray_data_output(ray, options.verbose):
+            rows = [{"shard": s.to_json()} for s in todo]
+            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+            # Decode tasks reserve memory for the chunks they hold; as the actors ask for other
+            # resources, Ray Data does not fuse the two, so decoding stays in its own CPU tasks.
+            ds = ds.map_batches(
+                _DecodeShards(job), batch_size=1, num_cpus=1, memory=_chunk_bytes(job)
+            )
+            ds = ds.map_batches(
+                _EmbedActor,
+                fn_constructor_args=(job.model, job.download_root, threads, gpu, job.precision),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=n),
+                **resources,
+            )
+            _collect(job, ds.iter_rows(), todo, summary, options.progress)
     finally:
         if started:
             ray.shutdown()
@@ -496,10 +615,15 @@ def _collect(
     summary: JobSummary,
     progress: bool,
 ) -> None:
-    """Join streamed chunk rows into shards and write each one as it completes."""
+    """Join streamed chunk rows into shards and write each one as it completes.
+
+    With ``progress``, one tqdm bar on stderr: shards done of those to do (with ETA), and the
+    images embedded so far with their rate.
+    """
     assembler = ShardAssembler(job.width)
     by_name = {s.name: s for s in todo}
-    with tqdm(total=len(todo), unit="shard", disable=not progress) as bar:
+    start, images = time.perf_counter(), 0
+    with tqdm(total=len(todo), unit="shard", desc="embedding", disable=not progress) as bar:
         for row in rows:
             blob = bytearray(row["embedding"])
             flat = torch.frombuffer(blob, dtype=torch.float32) if blob else torch.empty(0)
@@ -509,6 +633,10 @@ def _collect(
                 str(row["shard"]), int(row["number"]), bool(row["last"]), ids, flat, failed
             )
             _finish(job, done, by_name, summary)
-            bar.update(done is not None)
+            images += len(ids)
+            if progress:
+                rate = images / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{images} images, {rate:.1f} img/s", refresh=False)
+                bar.update(done is not None)
     if assembler.open_shards:
         raise RuntimeError(f"the job ended with shards incomplete: {assembler.open_shards}")

@@ -8,6 +8,7 @@ an unknown host name, a bad certificate, a missing local file) are raised at onc
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import socket
 import ssl
@@ -37,10 +38,15 @@ def is_transient(error: BaseException) -> bool:
         error: what a network read raised.
 
     Returns:
-        True for timeouts, connection resets/refusals, truncated bodies, HTTP 408, 425, 429 and
-        500/502/503/504, and temporary DNS failures; False for other HTTP statuses (403, 404,
-        ...), unknown host names, certificate errors, missing files and everything else.
+        An error's own boolean ``transient`` attribute when it has one (such as
+        :class:`clip.data.fs.FetchError`); else True for timeouts, connection resets/refusals,
+        truncated bodies, HTTP 408, 425, 429 and 500/502/503/504, and temporary DNS failures;
+        False for other HTTP statuses (403, 404, ...), unknown host names, certificate errors,
+        missing files and everything else.
     """
+    flag = getattr(error, "transient", None)
+    if isinstance(flag, bool):
+        return flag
     if isinstance(error, urllib.error.HTTPError):
         return error.code in _TRANSIENT_HTTP
     if isinstance(error, urllib.error.URLError):
@@ -58,14 +64,30 @@ def is_transient(error: BaseException) -> bool:
     )
 
 
-def retry_after(error: BaseException) -> Optional[float]:
-    """Seconds a server asked us to wait (``Retry-After`` on a 429/503), or None."""
+def retry_after(error: BaseException, now: Optional[float] = None) -> Optional[float]:
+    """Seconds a server asked us to wait (``Retry-After`` on a 429/503), or None.
+
+    Args:
+        error: what the request raised (its ``headers`` are read).
+        now: the current time (seconds since the epoch) for a header that gives a date.
+
+    Returns:
+        The header's delay in seconds (at least 0), or None when there is none or it is
+        unreadable.
+    """
     headers = getattr(error, "headers", None)
     value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: not worth parsing, the backoff applies
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # an HTTP date
+        when = email.utils.parsedate_to_datetime(str(value)).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True)

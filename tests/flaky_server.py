@@ -28,12 +28,14 @@ class Fault:
     content_length: Union[int, str, None] = "true"  # a lie, None to omit it, "true" for the truth
     status: int = 0  # answer with this error status instead (e.g. 503)
     body: Optional[bytes] = None  # serve these bytes instead of the file's
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # sent with an error status
 
 
 @dataclasses.dataclass
 class Hit:
     path: str
     range: Optional[str]
+    at: float = dataclasses.field(default_factory=time.monotonic)  # when it arrived
 
 
 class FlakyServer:
@@ -81,6 +83,8 @@ class FlakyServer:
                 source = server.files.get(self.path)
                 if fault.status or source is None:
                     self.send_response(fault.status or 404)
+                    for name, value in fault.headers.items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -105,6 +109,15 @@ class FlakyServer:
                 self.end_headers()
                 self.close_connection = True
                 self._body(source, start, fault)
+
+            def do_HEAD(self) -> None:  # not recorded, takes no fault
+                source = server.files.get(self.path)
+                length = 0
+                if source is not None:
+                    length = source.stat().st_size if isinstance(source, Path) else len(source)
+                self.send_response(404 if source is None else 200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
 
             def _body(self, source: Union[bytes, Path], start: int, fault: Fault) -> None:
                 sent = 0

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -228,6 +229,15 @@ def test_tar_and_parquet_shards_on_ray(
     assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{width}]"
 
 
+def ray_log_lines(err: str) -> list[str]:
+    """Ray's Python log lines (``… INFO file.py:12 -- …``) and C++ info/warning lines."""
+    return [
+        line
+        for line in err.splitlines()
+        if re.search(r"\t(INFO|WARNING|DEBUG) \S+\.py:\d+ -- |^\[[^\]]* [IW] \d+ \d+\]", line)
+    ]
+
+
 def test_cli_runs_the_job_on_ray_and_reports(
     local_ray: None,
     vit_file: str,
@@ -248,6 +258,113 @@ def test_cli_runs_the_job_on_ray_and_reports(
     assert "wrote 0 of 3 shards (3 already done)" in capsys.readouterr().err
     assert main([*argv, "--dtype", "float16"]) == 1  # other settings into the same folder
     assert "dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_cli_on_ray_keeps_rays_logs_for_verbose(
+    local_ray: None, vit_file: str, images: Path, tmp_path: Path, verbose: bool
+) -> None:
+    """A separate process (Ray's console handlers write to the stderr they were created with,
+    which pytest has replaced), joining the test's cluster."""
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "clip", "embed", str(images), "--out", str(tmp_path / "o")]
+    command += ["--model", vit_file, "--ray", address, "--shard-size", "300"]
+    done = subprocess.run(
+        command + ["--verbose"] * verbose, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "clip: wrote 1 of 1 shards" in done.stderr
+    started = [line for line in ray_log_lines(done.stderr) if "Starting execution" in line]
+    assert bool(started) == verbose
+    if not verbose:
+        assert ray_log_lines(done.stderr) == [], done.stderr
+
+
+def test_ray_progress_bar_counts_shards_and_images(
+    local_ray: None, vit_file: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = distributed.embed_dataset(
+        [str(images)],
+        str(tmp_path / "out"),
+        model=vit_file,
+        ray=True,
+        shard_size=101,
+        progress=True,
+    )
+    assert len(summary.written) == 2
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.search(r"embedding: 100%.* 2/2 .*, 200 images, [\d.]+ img/s", final), final
+
+
+# ---- asking for what the cluster does not have -------------------------------------------
+
+
+class FakeRay:
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+
+@pytest.mark.parametrize(
+    "resources, actors, device, message",
+    [
+        ({"CPU": 16, "GPU": 1}, 2, None, "asked for 2 GPU actors but the Ray cluster has 1 GPUs"),
+        ({"CPU": 16, "GPU": 4}, 5, "cuda", "asked for 5 GPU actors but the Ray cluster has 4"),
+        ({"CPU": 16}, None, "cuda", "asked for 1 GPU actors but the Ray cluster has 0 GPUs"),
+        ({"CPU": 2}, 5, None, "asked for 5 CPU actors but the Ray cluster has 2 CPUs"),
+    ],
+)
+def test_actor_plan_refuses_what_the_cluster_cannot_place(
+    resources: dict[str, float], actors: Optional[int], device: Optional[str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        distributed._actor_plan(FakeRay(resources), actors, device)
+
+
+@pytest.mark.parametrize(
+    "resources, actors, device, plan",
+    [
+        ({"CPU": 16, "GPU": 4}, None, None, (4, {"num_gpus": 1, "num_cpus": 1}, 1)),
+        ({"CPU": 16, "GPU": 4}, 2, "cpu", (2, {"num_cpus": 7.5}, 7)),
+        ({"CPU": 2}, 4, None, (4, {"num_cpus": 0.25}, 1)),
+    ],
+)
+def test_actor_plan_places_what_fits(
+    resources: dict[str, float], actors: Optional[int], device: Optional[str], plan: tuple
+) -> None:
+    assert distributed._actor_plan(FakeRay(resources), actors, device) == plan
+
+
+def test_gpu_actors_on_a_cpu_only_cluster_fail_fast(
+    local_ray: None, vit_file: str, images: Path, tmp_path: Path
+) -> None:
+    assert "GPU" not in ray.cluster_resources()
+    with pytest.raises(ValueError, match="asked for 2 GPU actors but the Ray cluster has 0 GPUs"):
+        distributed.embed_dataset(
+            [str(images)], str(tmp_path / "out"), model=vit_file, ray=True, device="cuda", actors=2
+        )
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ray": True, "workers": 2}, "workers= is an option of torchrun ranks"),
+        ({"ray": True, "rank": 0}, "rank= is an option of torchrun ranks"),
+        ({"ray": True, "world_size": 2}, "world_size= is an option of torchrun ranks"),
+        ({"ray": True, "device": "cuda:1"}, "on Ray, device must be 'cuda'"),
+        ({"actors": 2}, "actors= is an option of the Ray engine"),
+        ({"verbose": True}, "verbose= is an option of the Ray engine"),
+    ],
+)
+def test_options_the_engine_ignores_are_refused(
+    options: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        distributed.embed_dataset(["nothing/"], str(tmp_path / "out"), **options)
 
 
 # ---- without Ray: torchrun ranks, and the command line's checks ----------------------------
@@ -290,6 +407,9 @@ def test_nothing_left_to_do_loads_no_model(
         (["--out", "shards", "--text", "captions.txt"], "--text writes one file"),
         (["data.tar", "--out", "x.npy"], "read shard by shard: give --out FOLDER"),
         (["--out", "x.csv"], "or name a folder"),
+        (["--out", "shards", "--ray", "--workers", "2"], "--workers sets local decoding"),
+        (["--out", "shards", "--actors", "2"], "--actors sets the number of Ray model"),
+        (["--out", "x.npy", "--verbose"], "--verbose shows Ray's own logs: add --ray"),
     ],
 )
 def test_cli_rejects_sharded_misuse(

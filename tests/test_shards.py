@@ -322,7 +322,7 @@ def test_parquet_urls_over_http(tmp_path: Path, photos: list[str]) -> None:
     ids, pixels, _ = joined(chunks)
     assert ids == [urls[0], urls[2]]
     ((url, reason),) = [f for c in chunks for f in c.failed]
-    assert url == urls[1] and reason.startswith("HTTPError") and "404" in reason
+    assert url == urls[1] and reason.startswith("FetchError: permanent: HTTP 404")
     assert torch.equal(pixels, torch.stack([decoded(photos[0]), decoded(photos[1])]))
 
 
