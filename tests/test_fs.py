@@ -168,7 +168,7 @@ def test_a_url_that_answers_503_once_is_embedded(
     finally:
         fs.set_default_policy(before)
     assert summary.embedded == 2 and summary.failed == 1
-    stats = json.loads((tmp_path / "out" / "urls.stats.json").read_text())
+    stats = json.loads((tmp_path / "out" / "urls-00000.stats.json").read_text())
     ((failure),) = stats["failures"]
     assert failure["id"] == urls[1] and "permanent: HTTP 404" in failure["reason"]
     assert len(server.gets("/flaky.jpg")) == 2 and len(server.gets("/gone.jpg")) == 1
@@ -181,7 +181,7 @@ def test_cli_retries_and_timeout_build_the_policy(
     argv = ["embed", str(table), "--model", vit_file, "--batch-size", "1", "--workers", "0"]
     server.faults = [Fault(status=503)]
     assert main([*argv, "--out", str(tmp_path / "none"), "--retries", "0", "--timeout", "5"]) == 0
-    stats = json.loads((tmp_path / "none" / "urls.stats.json").read_text())
+    stats = json.loads((tmp_path / "none" / "urls-00000.stats.json").read_text())
     reasons = {f["id"]: f["reason"] for f in stats["failures"]}
     assert "transient: HTTP 503" in reasons[urls[0]] and len(server.gets("/flaky.jpg")) == 1
     server.faults = [Fault(status=503)]
