@@ -39,6 +39,10 @@ for requirement in re.findall(r'"([^"]+)"', block.group(1)):
     print(re.sub(r">=\s*([^,;\s]+).*", r"==\1", requirement))
 EOF
 )
+if [[ " ${pins[*]:-} " != *" torch=="* ]]; then
+    echo "no torch>=X lower bound found in pyproject.toml's dependencies: ${pins[*]:-none}" >&2
+    exit 1
+fi
 echo "== install ${pins[*]} (python $(python -c 'import platform; print(platform.python_version())'))"
 start=$SECONDS
 pip install --quiet --disable-pip-version-check -e . "${pins[@]}" pytest hypothesis
