@@ -23,6 +23,10 @@ __all__ = ["OnnxFiles", "export_onnx"]
 # 2 GiB limit), as ``<name>.onnx.data`` beside ``<name>.onnx``.
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 
+# From torch 2.9, torch.onnx.export runs the torch.export-based exporter by default, the one that
+# takes ``dynamic_shapes``; older releases run the TorchScript exporter, which refuses them.
+_MIN_TORCH = (2, 9)
+
 
 class OnnxFiles(NamedTuple):
     """Paths written by :func:`export_onnx`."""
@@ -76,7 +80,8 @@ def export_onnx(
         ``OnnxFiles(visual, textual)``: the paths written.
 
     Raises:
-        ImportError: if ``onnx`` or ``onnxscript`` is missing (``pip install 'clip-torch[onnx]'``).
+        ImportError: if ``onnx`` or ``onnxscript`` is missing, or torch is older than 2.9
+            (``pip install 'clip-torch[onnx]'`` installs what is missing).
         TypeError: if ``model`` is not a :class:`clip.model.CLIP`.
     """
     _require_exporter()
@@ -98,6 +103,12 @@ def export_onnx(
 
 
 def _require_exporter() -> None:
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < _MIN_TORCH:
+        raise ImportError(
+            "clip.export_onnx needs torch>=2.9 (its torch.export-based ONNX exporter); this is "
+            f"torch {torch.__version__}. Upgrade with pip install 'clip-torch[onnx]' (it asks "
+            "for torch>=2.9, onnx and onnxscript)"
+        )
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(
