@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional, Union, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "CLIP",
@@ -71,7 +72,8 @@ def causal_mask(length: int) -> Tensor:
     """Additive causal mask [length, length]: 0 on and below the diagonal, -inf above.
 
     Always built on the CPU (also under a ``torch.device("meta")`` context), so a model built on
-    the meta device still carries a real mask.
+    the meta device still carries a real mask; :func:`build_from_state_dict` then moves it to the
+    device of the weights.
     """
     mask = torch.full((length, length), float("-inf"), device="cpu")
     return mask.triu_(1)
@@ -83,6 +85,62 @@ def _is_causal(mask: Optional[Tensor]) -> bool:
     return bool(torch.equal(mask.cpu().float(), causal_mask(mask.shape[0])))
 
 
+def _tensor_state(tensor: Tensor) -> Optional[tuple[int, int, int]]:
+    """Identity of a tensor's current contents (object, storage, in-place edits), or None if
+    torch does not track it (inference-mode tensors have no version counter)."""
+    try:
+        return (id(tensor), tensor.data_ptr(), tensor._version)
+    except RuntimeError:
+        return None
+
+
+# torch's registries of global module hooks (dicts it fills and empties in place).
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
+
+
+def global_hooks_active() -> bool:
+    """Whether a global module hook (``torch.nn.modules.module.register_module_forward_hook``
+    and friends) is registered: every module call then goes to user code."""
+    return any(_GLOBAL_HOOKS)
+
+
+def is_hooked(module: nn.Module) -> bool:
+    """Whether user code hooks ``module`` (forward, pre-forward or backward hooks) or replaced
+    its ``forward`` on the instance (``module.forward = f``)."""
+    return (
+        bool(
+            module._forward_hooks
+            or module._forward_pre_hooks
+            or module._backward_hooks
+            or module._backward_pre_hooks
+        )
+        or "forward" in module.__dict__
+    )
+
+
+def any_hooked(root: nn.Module) -> bool:
+    """Whether :func:`is_hooked` holds for ``root`` or any module inside it."""
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if is_hooked(module):
+            return True
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return False
+
+
+# ``nn.MultiheadAttention.forward`` as imported: a class-level patch made later is detected.
+_MHA_FORWARD = nn.MultiheadAttention.forward
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
@@ -90,14 +148,16 @@ class ResidualAttentionBlock(nn.Module):
     ``nn.MultiheadAttention`` (``attn``) so their names and shapes are OpenAI's; the computation
     uses ``F.scaled_dot_product_attention`` with the fused in-projection.
 
+    The fused computation runs only while ``attn`` is a plain ``nn.MultiheadAttention`` that user
+    code has not hooked or patched (see :meth:`fused_attention`); otherwise ``attn`` itself is
+    called, as in OpenAI's package, so hooks and patches see what they expect.
+
     Args:
         d_model: width D.
         n_head: number of attention heads.
         attn_mask: optional additive mask [L, L]; kept as a non-persistent buffer. A causal mask
             is recognised and run as ``is_causal`` attention, so shorter inputs need no slicing.
     """
-
-    mask_is_causal: bool  # kept in step with attn_mask by __setattr__
 
     def __init__(self, d_model: int, n_head: int, attn_mask: Optional[Tensor] = None) -> None:
         super().__init__()
@@ -116,17 +176,37 @@ class ResidualAttentionBlock(nn.Module):
         self.attn_mask = attn_mask
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Keep the mask a non-persistent buffer and its causal flag true to it, however it is set.
+        # Keep the mask a non-persistent buffer however it is set.
         if name == "attn_mask" and (value is None or isinstance(value, Tensor)):
             self.register_buffer(name, value, persistent=False)
-            self.__dict__["mask_is_causal"] = _is_causal(value)
+            self.__dict__.pop("_causal_answer", None)
+            self.mask_is_causal  # noqa: B018 (answer now, so compiled code has it to read)
             return
         super().__setattr__(name, value)
+
+    @property
+    def mask_is_causal(self) -> bool:
+        """Whether ``attn_mask`` is, right now, the additive causal mask of its size.
+
+        Checked against the mask's contents once per change: assigning another tensor, moving
+        it (``.to``), or editing it in place (``attn_mask.zero_()``) makes the next call look
+        again. Under ``torch.compile`` the last answer is used.
+        """
+        mask = self._buffers.get("attn_mask")
+        if torch.compiler.is_compiling():
+            return bool(self.__dict__.get("_causal_answer", (None, False))[1])
+        state = None if mask is None else _tensor_state(mask)
+        cached = self.__dict__.get("_causal_answer")
+        if state is not None and cached is not None and cached[0] == state:
+            return bool(cached[1])
+        answer = _is_causal(mask)
+        self.__dict__["_causal_answer"] = (state, answer)
+        return answer
 
     def attention(self, x: Tensor) -> Tensor:
         """Self-attention of ``x`` [L, N, D] → [L, N, D]."""
         length, batch, width = x.shape
-        if self._attn_is_customised():
+        if not self.fused_attention():
             mask = self._sliced_mask(length, x.dtype)
             return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
         heads = self.attn.num_heads
@@ -139,12 +219,48 @@ class ResidualAttentionBlock(nn.Module):
         y = y.permute(2, 0, 1, 3).reshape(length, batch, width)  # [L, N, D]
         return self.attn.out_proj(y)
 
-    def _attn_is_customised(self) -> bool:
-        """Whether user code replaced or hooked ``attn``, so its own forward must run."""
+    def fused_attention(self) -> bool:
+        """Whether :meth:`attention` may compute with the weights of ``attn`` directly.
+
+        False, so that ``attn`` itself is called, when ``attn`` is not exactly
+        ``nn.MultiheadAttention``, is hooked, has its ``forward`` replaced on the instance or on
+        the class, or a global module hook is registered.
+        """
         attn = self.attn
-        return type(attn) is not nn.MultiheadAttention or bool(
-            attn._forward_hooks or attn._forward_pre_hooks
+        return (
+            type(attn) is nn.MultiheadAttention
+            and nn.MultiheadAttention.forward is _MHA_FORWARD
+            and not is_hooked(attn)
+            and not global_hooks_active()
         )
+
+    def runs_as_built(self) -> bool:
+        """Whether this block computes exactly what its code says, unobserved: no method of it
+        patched or overridden, no module in it hooked (see :func:`is_hooked`), ``attn`` fused.
+
+        Together with :attr:`mask_is_causal`, what lets ``CLIP.encode_text`` skip the columns
+        after the last end-of-text token.
+        """
+        cls = type(self)
+        return (
+            cls.forward is _BLOCK_FORWARD
+            and cls.attention is _BLOCK_ATTENTION
+            and "attention" not in self.__dict__
+            and not is_hooked(self)
+            and self.fused_attention()
+            and not self._inner_modules_hooked()
+        )
+
+    def _inner_modules_hooked(self) -> bool:
+        """:func:`any_hooked` over the block's submodules. A clean answer is kept until a hook
+        is next registered anywhere (torch numbers every hook handle), so the common case costs
+        no walk; a hooked answer is recomputed on each call, so removing the hook is seen."""
+        serial = getattr(RemovableHandle, "next_id", None)
+        if serial is not None and self.__dict__.get("_clean_at_hook_serial") == serial:
+            return False
+        hooked = any(any_hooked(m) for m in self._modules.values() if m is not None)
+        self.__dict__["_clean_at_hook_serial"] = None if hooked else serial
+        return hooked
 
     def _sliced_mask(self, length: int, dtype: torch.dtype) -> Optional[Tensor]:
         """The mask for ``length`` tokens (texts may be shorter than the context), in ``dtype``."""
@@ -179,6 +295,11 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# The block's own methods: a class-level patch (or a subclass override) is detected.
+_BLOCK_FORWARD = ResidualAttentionBlock.forward
+_BLOCK_ATTENTION = ResidualAttentionBlock.attention
+
+
 class Transformer(nn.Module):
     """A stack of :class:`ResidualAttentionBlock`; sequence-first [L, N, D] in and out.
 
@@ -201,6 +322,21 @@ class Transformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[L, N, D] → [L, N, D]."""
         return self.resblocks(x)
+
+    def is_causal_as_built(self) -> bool:
+        """Whether every block is one of ours, with the causal mask, running as built (see
+        :meth:`ResidualAttentionBlock.runs_as_built`), and nothing hooks this stack: then each
+        output position depends only on the positions up to it, and nobody watches the rest."""
+        if global_hooks_active() or type(self).forward is not _TRANSFORMER_FORWARD:
+            return False
+        if is_hooked(self) or is_hooked(self.resblocks):
+            return False
+        for block in self.resblocks:
+            if not isinstance(block, ResidualAttentionBlock):
+                return False
+            if not (block.mask_is_causal and block.runs_as_built()):
+                return False
+        return True
 
     def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
         """Outputs of chosen blocks; blocks after the last one asked for are not run.
@@ -242,6 +378,9 @@ class Transformer(nn.Module):
                 maps[i] = cast(ResidualAttentionBlock, block).attention_weights(x)
             x = block(x)
         return [maps[i] for i in indices]
+
+
+_TRANSFORMER_FORWARD = Transformer.forward
 
 
 def layer_indices(layers: Optional[Sequence[int]], count: int, what: str) -> list[int]:
@@ -856,16 +995,34 @@ class CLIP(nn.Module):
 
         The text tower is causal and pools at the end-of-text token (the largest id in each row),
         so it runs only on the first ``max EOT position + 1`` columns: the result is the same as
-        on the full padded batch, computed faster.
+        on the full padded batch, computed faster. It does so only while every text block has the
+        causal mask and nothing observes the text tower: with another mask (e.g. ``None`` for a
+        bidirectional variant), a hook on a block or its ``attn``, or a patched ``attn.forward``,
+        all L columns are run, as in OpenAI's package (see :meth:`text_is_trimmable`).
 
         Args:
-            text: integer token ids [B, L] with L ≤ ``context_length``, as from ``clip.tokenize``.
+            text: token ids [B, L] with L ≤ ``context_length``, as from ``clip.tokenize``; any
+                integer dtype that can hold the vocabulary's ids.
 
         Returns:
             Text embeddings [B, E], not normalised.
+
+        Raises:
+            TypeError: if ``text`` is not an integer tensor, or its dtype cannot hold the ids.
+            ValueError: on a wrong shape, device or an id out of the vocabulary.
         """
-        self._check_text(text)
-        return self._pooled_text(text, trim=not torch.jit.is_tracing())
+        text = self._check_text(text)
+        trim = not torch.jit.is_tracing() and self.text_is_trimmable()
+        return self._pooled_text(text, trim=trim)
+
+    def text_is_trimmable(self) -> bool:
+        """Whether :meth:`encode_text` may skip the columns after the batch's last end-of-text
+        token: the text blocks are causal and run as built, and nothing hooks the text tower
+        (see :meth:`Transformer.is_causal_as_built`)."""
+        if is_hooked(self.token_embedding) or is_hooked(self.ln_final):
+            return False
+        transformer = self.transformer
+        return isinstance(transformer, Transformer) and transformer.is_causal_as_built()
 
     def _pooled_text(self, text: Tensor, trim: bool) -> Tensor:
         """Unchecked :meth:`encode_text`; ``trim=False`` keeps the graph free of data-dependent
@@ -878,8 +1035,8 @@ class CLIP(nn.Module):
         """Unchecked text tower up to ``ln_final``: [B, L] ids → ([B, L', D], EOT index [B]).
 
         With ``trim`` only the first ``max EOT + 1`` columns are run (L' ≤ L): the causal mask
-        makes those columns independent of the rest. Without it (export, per-token outputs)
-        L' = L.
+        makes those columns independent of the rest; only pass it when :meth:`text_is_trimmable`.
+        Without it (export, per-token outputs, masks other than causal, hooks) L' = L.
         """
         eot = text.argmax(dim=-1)  # [B]
         if trim and text.shape[0] > 0:
@@ -909,7 +1066,7 @@ class CLIP(nn.Module):
             and the end-of-text position of each row [B] (the argmax of the ids), the token
             :meth:`encode_text` pools.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         tokens, eot = self._text_tokens(text, trim=False)
         return TextTokens(tokens @ self.text_projection if project else tokens, eot)
 
@@ -928,7 +1085,7 @@ class CLIP(nn.Module):
         Raises:
             ValueError: if an index is out of range.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
         return [y.transpose(0, 1) for y in self.transformer.forward_layers(x, layers)]
 
@@ -945,19 +1102,21 @@ class CLIP(nn.Module):
         Raises:
             ValueError: if an index is out of range.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
         return self.transformer.attention_maps(x, layers)
 
-    def _check_text(self, text: Tensor) -> None:
+    def _check_text(self, text: Tensor) -> Tensor:
+        """Validate token ids [B, L]; returns them as int32/int64 (other integer dtypes cast)."""
         if torch.jit.is_tracing():
-            return
+            return text
         if not isinstance(text, Tensor):
             raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
         if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
             raise TypeError(
                 f"text must hold integer token ids, got {text.dtype}; use clip.tokenize"
             )
+        _check_id_dtype(text.dtype, self.vocab_size)
         if text.dim() != 2:
             raise ValueError(
                 f"text must have shape [B, L] (L ≤ {self.context_length}), got {list(text.shape)}; "
@@ -969,6 +1128,8 @@ class CLIP(nn.Module):
                 f"{self.context_length}: tokenize with clip.tokenize(..., truncate=True)"
             )
         _check_device(text, self.token_embedding.weight, "text")
+        if text.dtype not in (torch.int32, torch.int64):
+            text = text.long()  # what nn.Embedding takes
         if text.numel():
             low, high = (int(v) for v in torch.aminmax(text))
             if low < 0 or high >= self.vocab_size:
@@ -976,6 +1137,7 @@ class CLIP(nn.Module):
                     f"token ids must be in [0, {self.vocab_size}), got range [{low}, {high}]; "
                     "use clip.tokenize"
                 )
+        return text
 
     # ---- both -------------------------------------------------------------------------------
 
@@ -1062,6 +1224,18 @@ def attention_heatmap(attentions: Sequence[Tensor], size: Optional[int] = None) 
     return F.interpolate(heat[:, None], size=(size, size), mode="bilinear", align_corners=False)[
         :, 0
     ]
+
+
+def _check_id_dtype(dtype: torch.dtype, vocab_size: int) -> None:
+    """Refuse an integer dtype too narrow for the vocabulary's ids (e.g. uint8 for 49408 ids):
+    ids cast into it were already wrapped around, so no answer computed from them is right."""
+    if torch.iinfo(dtype).max < vocab_size - 1:
+        raise TypeError(
+            f"text is {dtype}, which holds ids up to {torch.iinfo(dtype).max}, but this model's "
+            f"vocabulary has {vocab_size} ids (the end-of-text id is {vocab_size - 1}): such ids "
+            "were corrupted when they were cast. Keep clip.tokenize's output as it is (int32 or "
+            "int64), or cast with .long() before narrowing"
+        )
 
 
 def _check_device(x: Tensor, weight: Tensor, what: str) -> None:
@@ -1248,7 +1422,7 @@ def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
         state_dict: OpenAI-format weights (TorchScript archive extras are ignored).
 
     Returns:
-        The model, on the device of the given tensors.
+        The model, on the device of the given tensors (its attention masks too).
     """
     config = CLIPConfig.from_state_dict(state_dict)
     try:
@@ -1257,7 +1431,15 @@ def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
     except (AssertionError, ValueError, RuntimeError) as e:
         raise ValueError(f"state dict shapes give an impossible CLIP ({config}): {e}") from e
     load_weights(model, state_dict, assign=True)
+    _masks_to(model, model.token_embedding.weight.device)
     return model.eval()
+
+
+def _masks_to(model: CLIP, device: torch.device) -> None:
+    """Move the attention masks (non-persistent buffers, built on the CPU) to ``device``."""
+    for module in model.modules():
+        if isinstance(module, ResidualAttentionBlock) and module.attn_mask is not None:
+            module.attn_mask = module.attn_mask.to(device)
 
 
 def build_model(state_dict: dict) -> CLIP:
