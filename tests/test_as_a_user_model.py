@@ -55,6 +55,18 @@ def test_bidirectional_text_variant_runs_every_column(model: CLIP, state_dict) -
     assert_rel_close(got, oracle.encode_text(state_dict, text, mask=None).pooled)
 
 
+def test_text_blocks_given_another_mask_use_it(model: CLIP, state_dict) -> None:
+    """A prefix-LM variant: the first 4 positions see each other, the rest stay causal."""
+    mask = torch.full((77, 77), float("-inf")).triu_(1)
+    mask[:4, :4] = 0.0
+    for block in model.transformer.resblocks:
+        block.attn_mask = mask.clone()
+    text = sample_text(3)
+    with torch.no_grad():
+        got = model.encode_text(text)
+    assert_rel_close(got, oracle.encode_text(state_dict, text, mask=mask).pooled)
+
+
 def test_forward_hook_on_a_text_block_sees_the_full_context(model: CLIP, state_dict) -> None:
     shapes: list[torch.Size] = []
     model.transformer.resblocks[0].register_forward_hook(
