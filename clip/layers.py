@@ -243,7 +243,12 @@ class ResidualAttentionBlock(nn.Module):
     def _inner_modules_hooked(self) -> bool:
         """:func:`any_hooked` over the block's submodules. A clean answer is kept until a hook
         is next registered anywhere (torch numbers every hook handle), so the common case costs
-        no walk; a hooked answer is recomputed on each call, so removing the hook is seen."""
+        no walk; a hooked answer is recomputed on each call, so removing the hook is seen.
+
+        Not seen until the next hook registration: a ``forward`` replaced on the instance of an
+        inner module (``ln_1``, ``mlp``...) after a clean answer. Those modules act on each
+        position alone, so the pooled result is unchanged; only the length they see differs.
+        (``attn`` and the block itself are checked on every call.)"""
         serial = getattr(RemovableHandle, "next_id", None)
         if serial is not None and self.__dict__.get("_clean_at_hook_serial") == serial:
             return False

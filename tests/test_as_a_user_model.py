@@ -55,6 +55,21 @@ def test_bidirectional_text_variant_runs_every_column(model: CLIP, state_dict) -
     assert_rel_close(got, oracle.encode_text(state_dict, text, mask=None).pooled)
 
 
+def test_subclass_building_its_own_mask_is_not_trimmed(state_dict) -> None:
+    """Research code overrides ``build_attention_mask`` (here: all zeros, i.e. bidirectional)."""
+
+    class Bidirectional(CLIP):
+        def build_attention_mask(self) -> torch.Tensor:
+            return torch.zeros(self.context_length, self.context_length)
+
+    model = Bidirectional(*(getattr(ARCH, f) for f in ARCH.__dataclass_fields__)).eval()
+    model.load_state_dict(state_dict)
+    text = sample_text(3)
+    with torch.no_grad():
+        got = model.encode_text(text)
+    assert_rel_close(got, oracle.encode_text(state_dict, text, mask=None).pooled)
+
+
 def test_text_blocks_given_another_mask_use_it(model: CLIP, state_dict) -> None:
     """A prefix-LM variant: the first 4 positions see each other, the rest stay causal."""
     mask = torch.full((77, 77), float("-inf")).triu_(1)
