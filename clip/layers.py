@@ -168,7 +168,6 @@ class ResidualAttentionBlock(nn.Module):
         # Keep the mask a non-persistent buffer however it is set.
         if name == "attn_mask" and (value is None or isinstance(value, Tensor)):
             self.register_buffer(name, value, persistent=False)
-            self.__dict__.pop("_causal_answer", None)
             self.mask_is_causal  # noqa: B018 (answer now, so compiled code has it to read)
             return
         super().__setattr__(name, value)
@@ -179,16 +178,21 @@ class ResidualAttentionBlock(nn.Module):
 
         Checked against the mask's contents once per change: assigning another tensor, moving
         it (``.to``), or editing it in place (``attn_mask.zero_()``) makes the next call look
-        again. Under ``torch.compile`` the last answer is used.
+        again. A mask on the meta device has no contents: it keeps the answer of the mask it
+        replaced (``model.to("meta")`` keeps a causal mask causal). Under ``torch.compile`` the
+        last answer is used.
         """
-        mask = self._buffers.get("attn_mask")
-        if torch.compiler.is_compiling():
-            return bool(self.__dict__.get("_causal_answer", (None, False))[1])
-        state = None if mask is None else _tensor_state(mask)
         cached = self.__dict__.get("_causal_answer")
+        if torch.compiler.is_compiling():
+            return bool(cached is not None and cached[1])
+        mask: Optional[Tensor] = self.attn_mask  # a buffer (or, while tracing, a plain attribute)
+        state = None if mask is None else _tensor_state(mask)
         if state is not None and cached is not None and cached[0] == state:
             return bool(cached[1])
-        answer = _is_causal(mask)
+        if mask is not None and mask.is_meta:
+            answer = bool(cached is not None and cached[1]) and mask.shape[-1:] == mask.shape[:1]
+        else:
+            answer = _is_causal(mask)
         self.__dict__["_causal_answer"] = (state, answer)
         return answer
 

@@ -365,6 +365,7 @@ def test_attention_masks_follow_the_weights_device(arch: Arch) -> None:
     for model in (build_from_state_dict(sd), build_model(sd)):
         masks = [block.attn_mask for block in model.transformer.resblocks]
         assert all(m is not None and m.device.type == "meta" for m in masks)
+        assert all(block.mask_is_causal for block in model.transformer.resblocks)
     cpu = fp32_model(arch)
     assert all(b.attn_mask.device.type == "cpu" for b in cpu.transformer.resblocks)
     assert all(b.mask_is_causal for b in cpu.transformer.resblocks)
