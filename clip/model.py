@@ -1,9 +1,13 @@
-"""CLIP's image and text towers, in one readable file.
+"""CLIP's image and text towers, assembled: the :class:`CLIP` model and how it is built.
 
 Module names equal the key prefixes of OpenAI's released state dicts, so a checkpoint loads with no
 renaming, and research code that reaches into submodules (``model.transformer.resblocks[i].attn``,
 ``model.visual.conv1``...) finds what it expects. Hyperparameters are read from tensor shapes by
 :class:`CLIPConfig`; nothing here knows about files, URLs or devices beyond the tensors it is given.
+
+The parts live in :mod:`clip.layers` (blocks, transformer), :mod:`clip.vision` (image towers) and
+:mod:`clip.weights` (configuration, loading, precision); every name is importable from here too,
+as in OpenAI's ``clip.model``.
 
 Shape legend used in comments: B batch, L sequence length, N batch (sequence-first layout),
 D width, H heads, C channels, R image resolution, G grid side (R // patch), E embed dim.
@@ -12,16 +16,30 @@ D width, H heads, C channels, R image resolution, G grid side (R // patch), E em
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Optional, Union, cast
+from dataclasses import asdict
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clip.layers import (
+    LayerNorm,
+    QuickGELU,
+    ResidualAttentionBlock,
+    Transformer,
+    any_hooked,
+    causal_mask,
+    global_hooks_active,
+    is_hooked,
+    layer_indices,
+)
+from clip.vision import AttentionPool2d, Bottleneck, ModifiedResNet, VisionTransformer
+from clip.weights import ARCHIVE_EXTRA_KEYS, CLIPConfig, convert_weights, load_weights
+
 __all__ = [
+    "ARCHIVE_EXTRA_KEYS",
     "CLIP",
     "AttentionPool2d",
     "Bottleneck",
@@ -33,601 +51,17 @@ __all__ = [
     "TextTokens",
     "Transformer",
     "VisionTransformer",
+    "any_hooked",
     "attention_heatmap",
+    "build_from_state_dict",
     "build_model",
+    "causal_mask",
     "convert_weights",
+    "global_hooks_active",
+    "is_hooked",
+    "layer_indices",
+    "load_weights",
 ]
-
-# Keys that OpenAI's TorchScript archives carry beside the weights.
-ARCHIVE_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks
-# --------------------------------------------------------------------------------------------
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, cast back to the input dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
-        return y.to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU that CLIP was trained with: x * sigmoid(1.702 x)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x * torch.sigmoid(1.702 * x)
-        # Inference: the same products in one buffer instead of three (same bits, ~18% faster).
-        return torch.mul(x, 1.702).sigmoid_().mul_(x)
-
-
-def causal_mask(length: int) -> Tensor:
-    """Additive causal mask [length, length]: 0 on and below the diagonal, -inf above.
-
-    Always built on the CPU (also under a ``torch.device("meta")`` context), so a model built on
-    the meta device still carries a real mask.
-    """
-    mask = torch.full((length, length), float("-inf"), device="cpu")
-    return mask.triu_(1)
-
-
-def _is_causal(mask: Optional[Tensor]) -> bool:
-    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.is_meta:
-        return False
-    return bool(torch.equal(mask.cpu().float(), causal_mask(mask.shape[0])))
-
-
-class ResidualAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
-
-    Input and output are sequence-first, [L, N, D], as in OpenAI's package. The weights live in an
-    ``nn.MultiheadAttention`` (``attn``) so their names and shapes are OpenAI's; the computation
-    uses ``F.scaled_dot_product_attention`` with the fused in-projection.
-
-    Args:
-        d_model: width D.
-        n_head: number of attention heads.
-        attn_mask: optional additive mask [L, L]; kept as a non-persistent buffer. A causal mask
-            is recognised and run as ``is_causal`` attention, so shorter inputs need no slicing.
-    """
-
-    mask_is_causal: bool  # kept in step with attn_mask by __setattr__
-
-    def __init__(self, d_model: int, n_head: int, attn_mask: Optional[Tensor] = None) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, n_head)
-        self.ln_1 = LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("c_fc", nn.Linear(d_model, d_model * 4)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(d_model * 4, d_model)),
-                ]
-            )
-        )
-        self.ln_2 = LayerNorm(d_model)
-        self.attn_mask = attn_mask
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Keep the mask a non-persistent buffer and its causal flag true to it, however it is set.
-        if name == "attn_mask" and (value is None or isinstance(value, Tensor)):
-            self.register_buffer(name, value, persistent=False)
-            self.__dict__["mask_is_causal"] = _is_causal(value)
-            return
-        super().__setattr__(name, value)
-
-    def attention(self, x: Tensor) -> Tensor:
-        """Self-attention of ``x`` [L, N, D] → [L, N, D]."""
-        length, batch, width = x.shape
-        if self._attn_is_customised():
-            mask = self._sliced_mask(length, x.dtype)
-            return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
-        heads = self.attn.num_heads
-        qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)  # [L, N, 3D]
-        qkv = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
-        q, k, v = qkv.unbind(0)  # each [N, H, L, D/H]
-        causal = self.mask_is_causal
-        mask = None if causal else self._sliced_mask(length, x.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        y = y.permute(2, 0, 1, 3).reshape(length, batch, width)  # [L, N, D]
-        return self.attn.out_proj(y)
-
-    def _attn_is_customised(self) -> bool:
-        """Whether user code replaced or hooked ``attn``, so its own forward must run."""
-        attn = self.attn
-        return type(attn) is not nn.MultiheadAttention or bool(
-            attn._forward_hooks or attn._forward_pre_hooks
-        )
-
-    def _sliced_mask(self, length: int, dtype: torch.dtype) -> Optional[Tensor]:
-        """The mask for ``length`` tokens (texts may be shorter than the context), in ``dtype``."""
-        if self.attn_mask is None:
-            return None
-        return self.attn_mask[:length, :length].to(dtype)
-
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """Attention probabilities softmax(QK^T / sqrt(d) + mask) of this block, per head.
-
-        Computed separately from :meth:`attention` (which stays fused), in fp32, from the weights
-        of ``attn`` (``in_proj_weight``/``in_proj_bias``).
-
-        Args:
-            x: the block's input [L, N, D] (before ``ln_1``).
-
-        Returns:
-            [N, H, L, L] float32; row i holds the weights query i gives every key, summing to 1.
-        """
-        length, batch, width = x.shape
-        heads = self.attn.num_heads
-        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).float()
-        qkv = qkv.view(length, batch, 3, heads, width // heads).permute(2, 1, 3, 0, 4)
-        q, k = qkv[0], qkv[1]  # each [N, H, L, D/H]
-        scores = q @ k.transpose(-2, -1) / math.sqrt(width // heads)  # [N, H, L, L]
-        mask = self._sliced_mask(length, torch.float32)
-        return (scores if mask is None else scores + mask).softmax(dim=-1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[L, N, D] → [L, N, D]."""
-        x = x + self.attention(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    """A stack of :class:`ResidualAttentionBlock`; sequence-first [L, N, D] in and out.
-
-    Args:
-        width: D.
-        layers: number of blocks.
-        heads: attention heads per block.
-        attn_mask: optional additive mask given to every block (the text tower's causal mask).
-    """
-
-    def __init__(
-        self, width: int, layers: int, heads: int, attn_mask: Optional[Tensor] = None
-    ) -> None:
-        super().__init__()
-        self.width = width
-        self.layers = layers
-        blocks = [ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)]
-        self.resblocks = nn.Sequential(*blocks)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[L, N, D] → [L, N, D]."""
-        return self.resblocks(x)
-
-    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Outputs of chosen blocks; blocks after the last one asked for are not run.
-
-        Args:
-            x: [L, N, D] input of the first block.
-            layers: block indices (negative ones count from the end); ``None`` for all.
-
-        Returns:
-            One [L, N, D] tensor per requested index, in the order asked.
-
-        Raises:
-            ValueError: if an index is out of range.
-        """
-        indices = layer_indices(layers, self.layers, "transformer")
-        outputs: dict[int, Tensor] = {}
-        for i, block in enumerate(self.resblocks[: max(indices, default=-1) + 1]):
-            x = block(x)
-            outputs[i] = x
-        return [outputs[i] for i in indices]
-
-    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Per-head attention weights of chosen blocks (see ``attention_weights`` of a block).
-
-        Args:
-            x: [L, N, D] input of the first block.
-            layers: block indices (negative ones count from the end); ``None`` for all.
-
-        Returns:
-            One [N, H, L, L] float32 tensor per requested index, in the order asked.
-
-        Raises:
-            ValueError: if an index is out of range.
-        """
-        indices = layer_indices(layers, self.layers, "transformer")
-        maps: dict[int, Tensor] = {}
-        for i, block in enumerate(self.resblocks[: max(indices, default=-1) + 1]):
-            if i in indices:
-                maps[i] = cast(ResidualAttentionBlock, block).attention_weights(x)
-            x = block(x)
-        return [maps[i] for i in indices]
-
-
-def layer_indices(layers: Optional[Sequence[int]], count: int, what: str) -> list[int]:
-    """Validate block indices against ``count`` blocks and make them non-negative.
-
-    Args:
-        layers: indices in ``[-count, count)``; ``None`` means every block in order.
-        count: number of blocks.
-        what: name of the stack, for the error message.
-
-    Returns:
-        The indices, non-negative, in the order given.
-
-    Raises:
-        TypeError: if ``layers`` is not a sequence of ints.
-        ValueError: if it is empty or an index is out of range.
-    """
-    if layers is None:
-        return list(range(count))
-    if isinstance(layers, (int, str, bytes)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in layers
-    ):
-        raise TypeError(f"layers must be a sequence of ints such as [-1] or [3, 7], got {layers!r}")
-    if len(layers) == 0:
-        raise ValueError("layers is empty; pass at least one block index, or None for all")
-    bad = [i for i in layers if not -count <= i < count]
-    if bad:
-        raise ValueError(
-            f"layer index {bad[0]} is out of range for the {what} with {count} blocks; "
-            f"use 0..{count - 1}, or -{count}..-1 to count from the end"
-        )
-    return [i % count for i in layers]
-
-
-# --------------------------------------------------------------------------------------------
-# Image towers
-# --------------------------------------------------------------------------------------------
-
-
-class VisionTransformer(nn.Module):
-    """ViT image tower: patchify, class token, transformer, ln_post, projection.
-
-    Args:
-        input_resolution: R, the square input side in pixels.
-        patch_size: side of a square patch; R must be a multiple of it.
-        width: D, the transformer width.
-        layers: transformer depth.
-        heads: attention heads.
-        output_dim: E, the joint embedding size.
-    """
-
-    def __init__(
-        self,
-        input_resolution: int,
-        patch_size: int,
-        width: int,
-        layers: int,
-        heads: int,
-        output_dim: int,
-    ) -> None:
-        super().__init__()
-        self.input_resolution = input_resolution
-        self.output_dim = output_dim
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width**-0.5
-        grid = input_resolution // patch_size
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-
-    def embed(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → the first block's input [B, 1+G*G, D] (after ``ln_pre``)."""
-        x = self.conv1(x)  # [B, D, G, G]
-        x = x.flatten(2).transpose(1, 2)  # [B, G*G, D]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1+G*G, D]
-        return self.ln_pre(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → all tokens after ``ln_post`` [B, 1+G*G, D], class token first."""
-        x = self.embed(x)
-        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, 1+G*G, D]
-        return self.ln_post(x)
-
-    def forward_head(self, tokens: Tensor) -> Tensor:
-        """Tokens [B, 1 + G*G, D] → class token projected [B, E] (or [B, D] if ``proj`` is None)."""
-        return self.project(tokens[:, 0, :])
-
-    def project(self, tokens: Tensor) -> Tensor:
-        """Tokens [..., D] → [..., E] through ``proj`` (unchanged if ``proj`` is None)."""
-        return tokens if self.proj is None else tokens @ self.proj
-
-    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Images [B, 3, R, R] → outputs of the chosen blocks, each [B, 1+G*G, D] (no ``ln_post``).
-
-        Raises:
-            ValueError: if a block index is out of range.
-        """
-        outputs = self.transformer.forward_layers(self.embed(x).transpose(0, 1), layers)
-        return [y.transpose(0, 1) for y in outputs]
-
-    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Images [B, 3, R, R] → attention weights of the chosen blocks, each [B, H, T, T] fp32.
-
-        T = 1 + G*G; token 0 is the class token, then the patches in row-major order.
-
-        Raises:
-            ValueError: if a block index is out of range.
-        """
-        return self.transformer.attention_maps(self.embed(x).transpose(0, 1), layers)
-
-    def resize_input(self, resolution: int) -> None:
-        """Adapt, in place, to square inputs of side ``resolution``.
-
-        The patch-grid part of ``positional_embedding`` is resized bicubically (in fp32, then cast
-        back); the class-token row is kept. At the current resolution nothing changes.
-
-        Raises:
-            ValueError: if ``resolution`` is not a positive multiple of the patch size.
-        """
-        patch = self.conv1.kernel_size[0]
-        _check_resolution(resolution, patch, "the ViT patch size")
-        self.positional_embedding = _resized_positions(
-            self.positional_embedding, resolution // patch
-        )
-        self.input_resolution = resolution
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → embeddings [B, E]."""
-        return self.forward_head(self.forward_features(x))
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck whose strided blocks downsample by average pooling, not strided convs.
-
-    Args:
-        inplanes: input channels.
-        planes: inner channels; the block outputs ``planes * 4``.
-        stride: spatial downsampling factor (1 or 2).
-    """
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        out = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
-        self.relu3 = nn.ReLU(inplace=True)
-        self.downsample: Optional[nn.Sequential] = None
-        self.stride = stride
-        if stride > 1 or inplanes != out:
-            layers = [
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, out, 1, stride=1, bias=False)),
-                ("1", nn.BatchNorm2d(out)),
-            ]
-            self.downsample = nn.Sequential(OrderedDict(layers))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, inplanes, h, w] → [B, 4*planes, h/stride, w/stride]."""
-        identity = x if self.downsample is None else self.downsample(x)
-        y = self.relu1(self.bn1(self.conv1(x)))
-        y = self.relu2(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(self.avgpool(y)))
-        y += identity  # in place: one [B, 4*planes, h, w] buffer fewer (RN50 b16 ~6% faster)
-        return self.relu3(y)
-
-
-class AttentionPool2d(nn.Module):
-    """Attention pooling: the mean token, prepended to the spatial tokens, attends to all of them.
-
-    Args:
-        spacial_dim: side of the input feature map (R // 32). (OpenAI's spelling, kept.)
-        embed_dim: channels C of the feature map.
-        num_heads: attention heads.
-        output_dim: output size (default: ``embed_dim``).
-    """
-
-    def __init__(
-        self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: Optional[int] = None
-    ) -> None:
-        super().__init__()
-        pos = torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5
-        self.positional_embedding = nn.Parameter(pos)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
-        self.num_heads = num_heads
-
-    def tokens(self, x: Tensor) -> Tensor:
-        """Feature map [B, C, h, w] → mean token + spatial tokens with positions [B, 1+h*w, C]."""
-        x = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # [B, 1+h*w, C]
-        return x + self.positional_embedding.to(x.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Feature map [B, C, h, w] → pooled embedding [B, output_dim]."""
-        x = self.tokens(x)
-        return self.attend(x[:, :1], x)[:, 0]
-
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """Feature map [B, C, h, w] → every token used as a query [B, 1+h*w, output_dim].
-
-        Token 0 (the mean token) is the pooled embedding :meth:`forward` returns.
-        """
-        x = self.tokens(x)
-        return self.attend(x, x)
-
-    def attend(self, queries: Tensor, x: Tensor) -> Tensor:
-        """Multi-head attention of ``queries`` [B, Q, C] over tokens ``x`` [B, T, C] → [B, Q, E]."""
-        batch, length, width = x.shape
-        heads, n = self.num_heads, queries.shape[1]
-        q = self.q_proj(queries).view(batch, n, heads, -1).transpose(1, 2)  # [B, H, Q, C/H]
-        k = self.k_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # [B, H, T, C/H]
-        v = self.v_proj(x).view(batch, length, heads, -1).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)  # [B, H, Q, C/H]
-        return self.c_proj(y.transpose(1, 2).reshape(batch, n, width))
-
-    def attention_weights(self, x: Tensor) -> Tensor:
-        """Feature map [B, C, h, w] → attention weights, every token a query [B, H, T, T] fp32.
-
-        T = 1 + h*w; row 0 is the mean token's query, the one that produces the pooled output.
-        """
-        x = self.tokens(x)
-        batch, length, _ = x.shape
-        q = self.q_proj(x).float().view(batch, length, self.num_heads, -1).transpose(1, 2)
-        k = self.k_proj(x).float().view(batch, length, self.num_heads, -1).transpose(1, 2)
-        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
-
-
-class ModifiedResNet(nn.Module):
-    """CLIP's ResNet: a 3-conv stem with average pooling, anti-aliased strided bottlenecks, and
-    attention pooling instead of global average pooling.
-
-    Args:
-        layers: bottleneck count of each of the four stages.
-        output_dim: E.
-        heads: attention-pool heads.
-        input_resolution: R; the final feature map is R // 32 on a side.
-        width: stem width; stage widths are 4x, 8x, 16x, 32x this.
-    """
-
-    def __init__(
-        self,
-        layers: Union[tuple[int, ...], list[int]],
-        output_dim: int,
-        heads: int,
-        input_resolution: int = 224,
-        width: int = 64,
-    ) -> None:
-        super().__init__()
-        self.output_dim = output_dim
-        self.input_resolution = input_resolution
-        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.relu3 = nn.ReLU(inplace=True)
-        self.avgpool = nn.AvgPool2d(2)
-        self._inplanes = width
-        self.layer1 = self._make_layer(width, layers[0])
-        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
-        embed_dim = width * 32
-        self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        layers = [Bottleneck(self._inplanes, planes, stride)]
-        self._inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def stem(self, x: Tensor) -> Tensor:
-        """[B, 3, R, R] → [B, width, R/4, R/4], channels-last in memory (see :func:`_nhwc`)."""
-        x = self.relu1(self.bn1(self.conv1(_nhwc(x))))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
-        return self.avgpool(x)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → feature map before attention pooling [B, 32*width, R/32, R/32]."""
-        x = self.stem(x.to(self.conv1.weight.dtype))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.contiguous()  # the usual NCHW layout for callers that .view() it
-
-    def forward_head(self, features: Tensor) -> Tensor:
-        """Feature map [B, C, R/32, R/32] → attention-pooled embedding [B, E]."""
-        return self.attnpool(features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images [B, 3, R, R] → embeddings [B, E]."""
-        return self.forward_head(self.forward_features(x))
-
-    def forward_layers(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Images [B, 3, R, R] → outputs of the chosen stages (``layer1``..``layer4`` are 0..3).
-
-        Stage i gives [B, 4*width*2^i, R/(4*2^i), R/(4*2^i)]; stages after the last asked are
-        not run.
-
-        Raises:
-            ValueError: if a stage index is out of range.
-        """
-        indices = layer_indices(layers, 4, "ResNet (stages layer1..layer4)")
-        x = self.stem(x.to(self.conv1.weight.dtype))
-        outputs: dict[int, Tensor] = {}
-        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
-        for i, stage in enumerate(stages[: max(indices) + 1]):
-            x = stage(x)
-            outputs[i] = x
-        return [outputs[i].contiguous() for i in indices]
-
-    def attention_maps(self, x: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Images → the attention pool's weights, every token a query: [[B, H, T, T]] fp32.
-
-        The pool is the ResNet's only attention layer, so ``layers`` may only name it (0 or -1).
-
-        Raises:
-            ValueError: if ``layers`` names another layer.
-        """
-        indices = layer_indices(layers, 1, "ResNet attention pool (a single layer)")
-        weights = self.attnpool.attention_weights(self.forward_features(x))
-        return [weights for _ in indices]
-
-    def resize_input(self, resolution: int) -> None:
-        """Adapt, in place, to square inputs of side ``resolution``.
-
-        The spatial part of ``attnpool.positional_embedding`` is resized bicubically (in fp32,
-        then cast back); the mean-token row is kept. At the current resolution nothing changes.
-
-        Raises:
-            ValueError: if ``resolution`` is not a positive multiple of 32.
-        """
-        _check_resolution(resolution, 32, "the ResNet's total stride")
-        pool = self.attnpool
-        pool.positional_embedding = _resized_positions(pool.positional_embedding, resolution // 32)
-        self.input_resolution = resolution
-
-
-def _nhwc(x: Tensor) -> Tensor:
-    """Images [B, C, H, W] stored channels-last, the layout oneDNN (CPU) and cuDNN (CUDA)
-    convolutions run fastest on: RN50 encode_image ~1.25x on a 2-core CPU. Only the memory order
-    changes, so the convolutions sum in another order (fp32 relative difference ~4e-7). The
-    weights keep their layout, so state dicts are unchanged."""
-    if x.device.type not in ("cpu", "cuda"):
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _check_resolution(resolution: int, multiple: int, what: str) -> None:
-    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution <= 0:
-        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-    if resolution % multiple:
-        low = max(multiple, resolution // multiple * multiple)
-        raise ValueError(
-            f"resolution {resolution} is not a multiple of {multiple} ({what}); "
-            f"use e.g. {low} or {low + multiple}"
-        )
-
-
-def _resized_positions(pos: nn.Parameter, grid: int) -> nn.Parameter:
-    """[1 + g*g, D] positional embedding → [1 + grid*grid, D]: row 0 kept, the g x g grid
-    resized bicubically (align_corners=False) in fp32, then cast back to ``pos``'s dtype."""
-    old = math.isqrt(pos.shape[0] - 1)
-    with torch.no_grad():
-        cells = pos[1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
-        cells = F.interpolate(cells, size=(grid, grid), mode="bicubic", align_corners=False)
-        cells = cells.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)  # [G*G, D]
-        resized = torch.cat([pos[:1], cells])  # [1 + G*G, D]
-    return nn.Parameter(resized, requires_grad=pos.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,16 +290,34 @@ class CLIP(nn.Module):
 
         The text tower is causal and pools at the end-of-text token (the largest id in each row),
         so it runs only on the first ``max EOT position + 1`` columns: the result is the same as
-        on the full padded batch, computed faster.
+        on the full padded batch, computed faster. It does so only while every text block has the
+        causal mask and nothing observes the text tower: with another mask (e.g. ``None`` for a
+        bidirectional variant), a hook on a block or its ``attn``, or a patched ``attn.forward``,
+        all L columns are run, as in OpenAI's package (see :meth:`text_is_trimmable`).
 
         Args:
-            text: integer token ids [B, L] with L ≤ ``context_length``, as from ``clip.tokenize``.
+            text: token ids [B, L] with L ≤ ``context_length``, as from ``clip.tokenize``; any
+                integer dtype that can hold the vocabulary's ids.
 
         Returns:
             Text embeddings [B, E], not normalised.
+
+        Raises:
+            TypeError: if ``text`` is not an integer tensor, or its dtype cannot hold the ids.
+            ValueError: on a wrong shape, device or an id out of the vocabulary.
         """
-        self._check_text(text)
-        return self._pooled_text(text, trim=not torch.jit.is_tracing())
+        text = self._check_text(text)
+        trim = not torch.jit.is_tracing() and self.text_is_trimmable()
+        return self._pooled_text(text, trim=trim)
+
+    def text_is_trimmable(self) -> bool:
+        """Whether :meth:`encode_text` may skip the columns after the batch's last end-of-text
+        token: the text blocks are causal and run as built, and nothing hooks the text tower
+        (see :meth:`Transformer.is_causal_as_built`)."""
+        if is_hooked(self.token_embedding) or is_hooked(self.ln_final):
+            return False
+        transformer = self.transformer
+        return isinstance(transformer, Transformer) and transformer.is_causal_as_built()
 
     def _pooled_text(self, text: Tensor, trim: bool) -> Tensor:
         """Unchecked :meth:`encode_text`; ``trim=False`` keeps the graph free of data-dependent
@@ -878,8 +330,8 @@ class CLIP(nn.Module):
         """Unchecked text tower up to ``ln_final``: [B, L] ids → ([B, L', D], EOT index [B]).
 
         With ``trim`` only the first ``max EOT + 1`` columns are run (L' ≤ L): the causal mask
-        makes those columns independent of the rest. Without it (export, per-token outputs)
-        L' = L.
+        makes those columns independent of the rest; only pass it when :meth:`text_is_trimmable`.
+        Without it (export, per-token outputs, masks other than causal, hooks) L' = L.
         """
         eot = text.argmax(dim=-1)  # [B]
         if trim and text.shape[0] > 0:
@@ -909,7 +361,7 @@ class CLIP(nn.Module):
             and the end-of-text position of each row [B] (the argmax of the ids), the token
             :meth:`encode_text` pools.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         tokens, eot = self._text_tokens(text, trim=False)
         return TextTokens(tokens @ self.text_projection if project else tokens, eot)
 
@@ -928,7 +380,7 @@ class CLIP(nn.Module):
         Raises:
             ValueError: if an index is out of range.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
         return [y.transpose(0, 1) for y in self.transformer.forward_layers(x, layers)]
 
@@ -945,19 +397,21 @@ class CLIP(nn.Module):
         Raises:
             ValueError: if an index is out of range.
         """
-        self._check_text(text)
+        text = self._check_text(text)
         x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
         return self.transformer.attention_maps(x, layers)
 
-    def _check_text(self, text: Tensor) -> None:
+    def _check_text(self, text: Tensor) -> Tensor:
+        """Validate token ids [B, L]; returns them as int32/int64 (other integer dtypes cast)."""
         if torch.jit.is_tracing():
-            return
+            return text
         if not isinstance(text, Tensor):
             raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
         if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
             raise TypeError(
                 f"text must hold integer token ids, got {text.dtype}; use clip.tokenize"
             )
+        _check_id_dtype(text.dtype, self.vocab_size)
         if text.dim() != 2:
             raise ValueError(
                 f"text must have shape [B, L] (L ≤ {self.context_length}), got {list(text.shape)}; "
@@ -969,6 +423,8 @@ class CLIP(nn.Module):
                 f"{self.context_length}: tokenize with clip.tokenize(..., truncate=True)"
             )
         _check_device(text, self.token_embedding.weight, "text")
+        if text.dtype not in (torch.int32, torch.int64):
+            text = text.long()  # what nn.Embedding takes
         if text.numel():
             low, high = (int(v) for v in torch.aminmax(text))
             if low < 0 or high >= self.vocab_size:
@@ -976,6 +432,7 @@ class CLIP(nn.Module):
                     f"token ids must be in [0, {self.vocab_size}), got range [{low}, {high}]; "
                     "use clip.tokenize"
                 )
+        return text
 
     # ---- both -------------------------------------------------------------------------------
 
@@ -1064,177 +521,24 @@ def attention_heatmap(attentions: Sequence[Tensor], size: Optional[int] = None) 
     ]
 
 
+def _check_id_dtype(dtype: torch.dtype, vocab_size: int) -> None:
+    """Refuse an integer dtype too narrow for the vocabulary's ids (e.g. uint8 for 49408 ids):
+    ids cast into it were already wrapped around, so no answer computed from them is right."""
+    if torch.iinfo(dtype).max < vocab_size - 1:
+        raise TypeError(
+            f"text is {dtype}, which holds ids up to {torch.iinfo(dtype).max}, but this model's "
+            f"vocabulary has {vocab_size} ids (the end-of-text id is {vocab_size - 1}): such ids "
+            "were corrupted when they were cast. Keep clip.tokenize's output as it is (int32 or "
+            "int64), or cast with .long() before narrowing"
+        )
+
+
 def _check_device(x: Tensor, weight: Tensor, what: str) -> None:
     if x.device != weight.device:
         raise ValueError(
             f"{what} is on {x.device} but the model is on {weight.device}; "
             f"move it with {what}.to({str(weight.device)!r})"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration from checkpoint shapes, and building
-# --------------------------------------------------------------------------------------------
-
-
-def _count_prefixes(keys: list[str], prefix: str, depth: int) -> int:
-    """Distinct values of the dotted component at ``depth`` among keys starting with ``prefix``."""
-    return len({k.split(".")[depth] for k in keys if k.startswith(prefix)})
-
-
-@dataclass(frozen=True)
-class CLIPConfig:
-    """Hyperparameters of a CLIP model, in the order of :class:`CLIP`'s constructor."""
-
-    embed_dim: int
-    image_resolution: int
-    vision_layers: Union[int, tuple[int, int, int, int]]
-    vision_width: int
-    vision_patch_size: Optional[int]
-    context_length: int
-    vocab_size: int
-    transformer_width: int
-    transformer_heads: int
-    transformer_layers: int
-
-    @property
-    def is_vit(self) -> bool:
-        """Whether the image tower is a ViT (else a ModifiedResNet)."""
-        return isinstance(self.vision_layers, int)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> CLIPConfig:
-        """Read every hyperparameter from the shapes of an OpenAI-format state dict.
-
-        Args:
-            state_dict: OpenAI-format weights (tensors may be on the meta device).
-
-        Returns:
-            The configuration.
-
-        Raises:
-            ValueError: if a key the format requires is missing.
-        """
-        required = ["text_projection", "positional_embedding", "token_embedding.weight"]
-        required += ["ln_final.weight", "visual.conv1.weight"]
-        missing = [k for k in required if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"not a CLIP state dict in OpenAI's format: missing {missing} "
-                f"(found {len(state_dict)} keys, e.g. {list(state_dict)[:3]})"
-            )
-        keys = list(state_dict)
-        vision = (
-            _vit_config(state_dict)
-            if "visual.proj" in state_dict
-            else _resnet_config(keys, state_dict)
-        )
-        width = state_dict["ln_final.weight"].shape[0]
-        return cls(
-            embed_dim=state_dict["text_projection"].shape[1],
-            **vision,
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            transformer_width=width,
-            transformer_heads=width // 64,
-            transformer_layers=_count_prefixes(keys, "transformer.resblocks.", 2),
-        )
-
-
-def _vit_config(sd: Mapping[str, Tensor]) -> dict:
-    conv = sd["visual.conv1.weight"]  # [D, 3, P, P]
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = _count_prefixes(list(sd), "visual.transformer.resblocks.", 3)
-    return {
-        "image_resolution": conv.shape[-1] * grid,
-        "vision_layers": layers,
-        "vision_width": conv.shape[0],
-        "vision_patch_size": conv.shape[-1],
-    }
-
-
-def _resnet_config(keys: list[str], sd: Mapping[str, Tensor]) -> dict:
-    if "visual.attnpool.positional_embedding" not in sd:
-        raise ValueError("not a CLIP state dict: neither visual.proj (ViT) nor visual.attnpool")
-    stages = tuple(_count_prefixes(keys, f"visual.layer{i}.", 2) for i in range(1, 5))
-    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return {
-        "image_resolution": grid * 32,
-        "vision_layers": stages,
-        "vision_width": sd["visual.layer1.0.conv1.weight"].shape[0],
-        "vision_patch_size": None,
-    }
-
-
-def convert_weights(model: nn.Module) -> None:
-    """Cast, in place, the weights OpenAI keeps in fp16 to fp16.
-
-    Conv and Linear weights and biases, attention projections, ``text_projection`` and ``proj``
-    become fp16; LayerNorm, BatchNorm, embeddings and ``logit_scale`` stay as they are.
-
-    Args:
-        model: any module tree (typically a :class:`CLIP`).
-    """
-
-    def to_half(module: nn.Module) -> None:
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            _half_params(module, ["weight", "bias"])
-        if isinstance(module, nn.MultiheadAttention):
-            names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
-            _half_params(module, [*names, "in_proj_bias", "bias_k", "bias_v"])
-        _half_params(module, ["text_projection", "proj"])
-
-    model.apply(to_half)
-
-
-def _half_params(module: nn.Module, names: list[str]) -> None:
-    for name in names:
-        tensor = getattr(module, name, None)
-        if isinstance(tensor, Tensor):
-            tensor.data = tensor.data.half()
-
-
-def _without_archive_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRA_KEYS}
-
-
-def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], assign: bool = False) -> None:
-    """Strictly load OpenAI-format weights, with an error that lists what does not fit.
-
-    Args:
-        model: the model to fill.
-        state_dict: weights; the extra keys of OpenAI's archives are ignored.
-        assign: take the given tensors as the parameters (keeps their dtypes, no copy).
-
-    Raises:
-        ValueError: on missing or unexpected keys, or mismatched shapes.
-    """
-    sd = _without_archive_keys(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(_mismatch_message(missing, unexpected, wrong))
-    model.load_state_dict(sd, strict=True, assign=assign)
-
-
-def _mismatch_message(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
-    parts = ["state dict does not fit the CLIP architecture inferred from its shapes:"]
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
-        if items:
-            shown = ", ".join(items[:8]) + (
-                f", ... ({len(items)} in all)" if len(items) > 8 else ""
-            )
-            parts.append(f"{label} keys: {shown}")
-    parts.append(
-        "expected an unmodified OpenAI CLIP checkpoint (TorchScript archive or state dict)"
-    )
-    return "\n  ".join(parts)
 
 
 def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
@@ -1248,7 +552,7 @@ def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
         state_dict: OpenAI-format weights (TorchScript archive extras are ignored).
 
     Returns:
-        The model, on the device of the given tensors.
+        The model, on the device of the given tensors (its attention masks too).
     """
     config = CLIPConfig.from_state_dict(state_dict)
     try:
@@ -1257,7 +561,15 @@ def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
     except (AssertionError, ValueError, RuntimeError) as e:
         raise ValueError(f"state dict shapes give an impossible CLIP ({config}): {e}") from e
     load_weights(model, state_dict, assign=True)
+    _masks_to(model, model.token_embedding.weight.device)
     return model.eval()
+
+
+def _masks_to(model: CLIP, device: torch.device) -> None:
+    """Move the attention masks (non-persistent buffers, built on the CPU) to ``device``."""
+    for module in model.modules():
+        if isinstance(module, ResidualAttentionBlock) and module.attn_mask is not None:
+            module.attn_mask = module.attn_mask.to(device)
 
 
 def build_model(state_dict: dict) -> CLIP:

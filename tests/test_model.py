@@ -17,6 +17,7 @@ from checkpoints import (
     state_dict_shapes,
 )
 from conftest import assert_rel_close, sample_images, sample_text
+from parity import functional as oracle
 from torch import nn
 
 from clip.model import (
@@ -205,24 +206,169 @@ def test_reassigned_mask_is_honoured() -> None:
     torch.testing.assert_close(block.attention(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_hooked_or_replaced_attention_is_called() -> None:
-    block = ResidualAttentionBlock(64, 1).eval()
-    seen = []
-    block.attn.register_forward_hook(lambda mod, args, out: seen.append(out[0].shape))
-    block(torch.randn(4, 2, 64))
+class WrappedAttention(nn.MultiheadAttention):
+    """A user's replacement for ``attn`` (same weights, its own class)."""
+
+
+def _hook(block: ResidualAttentionBlock, seen: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    block.attn.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+
+
+def _pre_hook(block: ResidualAttentionBlock, seen: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    block.attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+
+
+def _instance_patch(
+    block: ResidualAttentionBlock, seen: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = block.attn.forward
+
+    def forward(*args: object, **kwargs: object) -> object:
+        seen.append(args[0].shape)  # type: ignore[attr-defined]
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    block.attn.forward = forward  # type: ignore[method-assign]
+
+
+def _class_patch(
+    block: ResidualAttentionBlock, seen: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = nn.MultiheadAttention.forward
+
+    def forward(self: nn.MultiheadAttention, *args: object, **kwargs: object) -> object:
+        seen.append(args[0].shape)  # type: ignore[attr-defined]
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nn.MultiheadAttention, "forward", forward)
+
+
+def _replaced(block: ResidualAttentionBlock, seen: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapped = WrappedAttention(64, 1)
+    wrapped.load_state_dict(block.attn.state_dict())
+    wrapped.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    block.attn = wrapped
+
+
+@pytest.mark.parametrize(
+    "customise",
+    [_hook, _pre_hook, _instance_patch, _class_patch, _replaced],
+    ids=["hook", "pre_hook", "instance_forward", "class_forward", "replaced_module"],
+)
+def test_hooked_patched_or_replaced_attention_is_called(
+    customise: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 1, torch.full((4, 4), float("-inf")).triu_(1)).eval()
+    x = torch.randn(4, 2, 64)
+    with torch.no_grad():
+        expected = block(x)
+        seen: list[torch.Size] = []
+        customise(block, seen, monkeypatch)  # type: ignore[operator]
+        assert not block.fused_attention()
+        got = block(x)
     assert seen == [torch.Size([4, 2, 64])]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_hooked_text_attention_sees_trimmed_inputs(arch: Arch) -> None:
+def _mask_none(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[-1].attn_mask = None
+
+
+def _mask_other(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[0].attn_mask = torch.zeros(77, 77)
+
+
+def _mask_edited_in_place(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[0].attn_mask.zero_()
+
+
+def _block_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[0].register_forward_hook(lambda m, a, o: None)
+
+
+def _block_backward_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[0].register_full_backward_hook(lambda m, gi, go: None)
+
+
+def _mlp_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.resblocks[1].mlp.c_fc.register_forward_hook(lambda m, a, o: None)
+
+
+def _transformer_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.transformer.register_forward_pre_hook(lambda m, a: None)
+
+
+def _ln_final_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.ln_final.register_forward_hook(lambda m, a, o: None)
+
+
+def _block_forward_replaced(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    block = model.transformer.resblocks[0]
+    block.forward = block.forward  # type: ignore[method-assign]
+
+
+def _attention_class_patch(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = ResidualAttentionBlock.attention
+    monkeypatch.setattr(ResidualAttentionBlock, "attention", lambda self, x: original(self, x))
+
+
+def _global_hook(model: CLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: None)
+    monkeypatch.setattr(model, "_test_cleanup", handle.remove, raising=False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _mask_none,
+        _mask_other,
+        _mask_edited_in_place,
+        _block_hook,
+        _block_backward_hook,
+        _mlp_hook,
+        _transformer_hook,
+        _ln_final_hook,
+        _block_forward_replaced,
+        _attention_class_patch,
+        _global_hook,
+    ],
+)
+def test_text_is_trimmed_only_when_causal_and_unobserved(
+    arch: Arch, change: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = fp32_model(arch)
+    assert model.text_is_trimmable()
+    try:
+        change(model, monkeypatch)  # type: ignore[operator]
+        assert not model.text_is_trimmable()
+    finally:
+        getattr(model, "_test_cleanup", lambda: None)()
+
+
+def test_mask_edited_in_place_is_honoured(arch: Arch) -> None:
+    """Zeroing every mask in place makes the text tower bidirectional, for the fused path too."""
+    sd = make_state_dict(arch)
+    model = build_from_state_dict(sd)
     text = sample_text(3)
     with torch.no_grad():
-        expected = model.encode_text(text)
-        seen = []
+        model.encode_text(text)  # the causal answer is remembered...
         for block in model.transformer.resblocks:
-            block.attn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
-        assert_rel_close(model.encode_text(text), expected)
-    assert seen and max(seen) < 77  # the causal mask was sliced to the trimmed length
+            block.attn_mask.zero_()  # ...and must be forgotten here
+        got = model.encode_text(text)
+    assert_rel_close(got, oracle.encode_text(sd, text, mask=None).pooled)
+
+
+def test_attention_masks_follow_the_weights_device(arch: Arch) -> None:
+    """build_model on CUDA tensors must give CUDA masks; checked here with meta tensors, which
+    exercise the same move (the masks are built on the CPU, then follow the weights)."""
+    sd = meta_state_dict(arch)
+    for model in (build_from_state_dict(sd), build_model(sd)):
+        masks = [block.attn_mask for block in model.transformer.resblocks]
+        assert all(m is not None and m.device.type == "meta" for m in masks)
+        assert all(block.mask_is_causal for block in model.transformer.resblocks)
+    cpu = fp32_model(arch)
+    assert all(b.attn_mask.device.type == "cpu" for b in cpu.transformer.resblocks)
+    assert all(b.mask_is_causal for b in cpu.transformer.resblocks)
 
 
 def test_mask_is_a_non_persistent_buffer_untouched_by_forward(arch: Arch) -> None:
@@ -276,19 +422,13 @@ def test_logits_are_scaled_cosine_similarities(arch: Arch) -> None:
     torch.testing.assert_close(per_image, model.logit_scale.exp() * i @ t.t())
 
 
-def full_length_text_features(model: CLIP, text: torch.Tensor) -> torch.Tensor:
-    """The text tower computed the plain way: all 77 positions, no trimming."""
-    x = model.token_embedding(text) + model.positional_embedding  # [B, 77, D]
-    x = model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
-    x = model.ln_final(x)
-    return x[torch.arange(len(text)), text.argmax(-1)] @ model.text_projection
-
-
 def test_trimmed_text_path_equals_full_length(arch: Arch) -> None:
-    model = fp32_model(arch)
+    sd = make_state_dict(arch)
+    model = build_from_state_dict(sd)
     text = sample_text(5)
+    assert model.text_is_trimmable()
     with torch.no_grad():
-        assert_rel_close(model.encode_text(text), full_length_text_features(model, text))
+        assert_rel_close(model.encode_text(text), oracle.encode_text(sd, text).pooled)
 
 
 def test_encode_text_accepts_any_length_up_to_context(arch: Arch) -> None:
