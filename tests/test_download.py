@@ -554,20 +554,8 @@ def test_eight_threads_download_once(tiny_release: tuple[FlakyServer, str], tmp_
     assert all(torch.equal(encoded(m), first) for m in results[1:])
 
 
-# Imports clip/download.py on its own, without clip/__init__ and torch: quick to start, and a
-# memory baseline that is not dominated by torch.
-_ALONE = f"""
-import importlib.util, sys
-path = {str(REPO / "clip" / "download.py")!r}
-spec = importlib.util.spec_from_file_location("download_alone", path)
-dl = importlib.util.module_from_spec(spec)
-sys.modules["download_alone"] = dl
-spec.loader.exec_module(dl)
-"""
-
-
 def run_python(code: str, **env: str) -> subprocess.Popen:
-    code = textwrap.dedent(code).replace("from download_alone import dl", _ALONE)
+    code = textwrap.dedent(code)
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=REPO,
@@ -610,7 +598,7 @@ def test_a_killed_download_leaves_nothing_trusted(server: FlakyServer, tmp_path:
     server.faults = [Fault(stall_at=2 * MB)]
     proc = run_python(
         f"""
-        from download_alone import dl
+        from clip import download as dl
         dl.download({url!r}, {str(tmp_path)!r}, progress=False)
         """
     )
@@ -647,7 +635,7 @@ def test_hashing_and_downloading_500_mb_in_constant_memory(tmp_path: Path) -> No
             proc = run_python(
                 f"""
                 import json
-                from download_alone import dl
+                from clip import download as dl
 
                 def status(key):
                     for line in open("/proc/self/status"):
