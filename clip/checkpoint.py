@@ -136,7 +136,10 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
 
 def _torch_load(path: str) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the name: torch.load hands names ending in .safetensors to
+        # safetensors, which cannot read a torch.save'd file called that.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:

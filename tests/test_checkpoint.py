@@ -111,6 +111,13 @@ def test_training_wrappers_are_unwrapped(tmp_path: Path, wrap: object) -> None:
     assert torch.equal(outputs(model, "tiny-vit"), outputs(build_from_state_dict(sd), "tiny-vit"))
 
 
+def test_a_torch_save_file_named_safetensors_is_read_by_content(tmp_path: Path) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    torch.save(sd, tmp_path / "ft.safetensors")
+    read, is_archive = read_checkpoint(tmp_path / "ft.safetensors")
+    assert not is_archive and all(torch.equal(read[k], sd[k]) for k in sd)
+
+
 def test_a_dict_without_weights_names_its_keys(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": torch.tensor(0.1), "notes": "x"}, tmp_path / "meta.pt")
     with pytest.raises(CheckpointError, match=r"\['epoch', 'lr', 'notes'\].*clip\.save"):
