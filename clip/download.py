@@ -337,8 +337,8 @@ def _fill(url: str, target: str, options: _Options) -> str:
         while True:
             before = out.seek(0, os.SEEK_END)
             left = options.stall_limit - (_monotonic() - last_byte)
-            try:
-                _attempt(url, out, bar, min(policy.timeout_s, left))
+            try:  # (at least 0.1 s: a late wake-up must not turn into a zero timeout)
+                _attempt(url, out, bar, max(0.1, min(policy.timeout_s, left)))
                 break
             except Exception as e:
                 grew = out.seek(0, os.SEEK_END) > before
