@@ -3,15 +3,19 @@
 Nothing stored in a file is ever executed: pickles are read with ``weights_only=True``, TorchScript
 archives only for their tensors, and safetensors hold nothing but tensors. :func:`save` writes
 safetensors so that a model can be converted once and never unpickled again.
+
+Every reader returns tensors in memory this process owns, never views of the file: a model loaded
+from ``path`` can be saved over ``path`` (what fine-tuning loops do), and the file can be
+replaced or deleted while the model lives.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
 import struct
-import threading
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -19,6 +23,8 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from clip.atomic import open_atomic
 
 __all__ = ["CheckpointError", "is_safetensors", "is_torchscript_archive", "read_checkpoint", "save"]
 
@@ -117,24 +123,23 @@ def _corrupt(path: str, e: Exception) -> CheckpointError:
 
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
-    """The state dict in a ``torch.save`` file; zip-format fp32 files are memory-mapped.
+    """The state dict in a ``torch.save`` file, read into memory this process owns.
 
-    A mapped file stays resident until its last tensor is freed, so mapping only pays when the
-    tensors are used as they are: an fp16 file (a mixed-precision checkpoint) is upcast on the
-    CPU tensor by tensor, and is read into memory so each fp16 original can be freed at once.
+    Never memory-mapped: a mapped tensor keeps reading the file, so saving over it (what a
+    fine-tuning loop does with ``torch.save(model.state_dict(), path)``) would truncate the pages
+    under the tensors being written (SIGBUS, and a truncated file). ``torch.load`` reads each
+    storage record straight into its own buffer, so the peak is one copy of the weights, and an
+    fp16 file's upcast (in :func:`clip.clip.settle_dtype`) frees each original in turn.
     """
-    if zipfile.is_zipfile(path) and _torch_load_has_mmap():
-        mapped = _strip_module_prefix(_unwrap(_torch_load(path, mmap=True), path))
-        if all(t.dtype == torch.float32 for t in mapped.values() if t.is_floating_point()):
-            return mapped
-        del mapped  # unmaps the file before it is read again
-    return _strip_module_prefix(_unwrap(_torch_load(path, mmap=False), path))
+    return _strip_module_prefix(_unwrap(_torch_load(path), path))
 
 
-def _torch_load(path: str, mmap: bool) -> object:
-    extra = {"mmap": True} if mmap else {}
+def _torch_load(path: str) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, **extra)
+        # An open file, not the name: torch.load hands names ending in .safetensors to
+        # safetensors, which cannot read a torch.save'd file called that.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
@@ -183,10 +188,6 @@ def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
-def _torch_load_has_mmap() -> bool:
-    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 1)
-
-
 def _safetensors_torch() -> Any:
     try:
         import safetensors.torch
@@ -199,9 +200,18 @@ def _safetensors_torch() -> Any:
 
 
 def _read_safetensors(path: str) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, in memory this process owns (never a view of the file).
+
+    safetensors maps the file by default, which would alias it as a mapped ``torch.load`` does.
+    Its ``pread`` backend (safetensors >= 0.8) reads each tensor into its own buffer (one copy
+    of the weights at the peak); older versions map, and each tensor is copied out of the map.
+    """
     st = _safetensors_torch()
     try:
-        return dict(st.load_file(path, device="cpu"))
+        if "backend" in inspect.signature(st.load_file).parameters:
+            return dict(st.load_file(path, device="cpu", backend="pread"))
+        with st.safe_open(path, framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (not iterable)
     except Exception as e:  # safetensors raises its own SafetensorError, or OSError
         raise CheckpointError(
             f"{path!r} looks like a safetensors file but cannot be read "
@@ -237,16 +247,12 @@ def save(model_or_state_dict: Union[torch.nn.Module, Mapping[str, Tensor]], path
 
 
 def _write_atomically(tensors: dict[str, Tensor], path: str) -> None:
+    """Serialise ``tensors`` as safetensors and replace ``path`` with them in one step.
+
+    The serialised bytes are built in memory (one more copy of the weights while saving), since
+    :func:`clip.atomic.open_atomic` hands out an open file, not a name for safetensors to open.
+    """
     st = _safetensors_torch()
-    directory = os.path.dirname(os.path.abspath(path))
-    # A name no other writer uses; safetensors creates it with the usual (umask) permissions.
-    unique = f".{os.getpid()}-{threading.get_ident()}.tmp"
-    tmp = os.path.join(directory, os.path.basename(path) + unique)
-    try:
-        st.save_file(tensors, tmp, metadata={"format": "pt", "producer": "clip-torch"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data = st.save(tensors, metadata={"format": "pt", "producer": "clip-torch"})
+    with open_atomic(path) as f:
+        f.write(data)

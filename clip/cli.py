@@ -6,7 +6,8 @@ module that prints. Exit codes:
 * 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
   the output holds at least one row;
 * 1 — runtime failure: the model cannot be loaded, the output cannot be read or written, or
-  nothing could be embedded or classified (every image unreadable);
+  nothing could be embedded or classified (every image unreadable); ``models --verify`` found
+  a corrupt file;
 * 2 — usage error: bad arguments, an input that does not exist, no images found;
 * 130 — interrupted (Ctrl-C); ``embed`` first saves what it finished.
 """
@@ -27,7 +28,7 @@ from clip.data import fs
 from clip.data.discover import discover, kind_of, read_list
 from clip.data.embed import default_device
 from clip.data.resume import model_digest, resume_file, weights_digest
-from clip.download import MODELS, default_cache_dir
+from clip.download import MODELS, default_cache_dir, verify_cache
 from clip.retry import RetryPolicy
 from clip.tokenizer import tokenize
 
@@ -54,11 +55,18 @@ def _parser() -> argparse.ArgumentParser:
         help="list the released models and which are in the cache",
         description=(
             "List the released model names; 'present' marks those whose file is in the cache "
-            "directory (checked by name, not hashed: clip.load verifies on use)."
+            "directory (checked by name, not hashed: clip.load verifies on use, and hashes a "
+            "file again only when its size or modification time changed). --verify hashes "
+            "every cached file now and marks it 'ok' or 'corrupt' (exit code 1 if any is)."
         ),
     )
     models.add_argument(
         "--cache-dir", help="cache directory (default $CLIP_CACHE_DIR or ~/.cache/clip)"
+    )
+    models.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every cached model file and report ok/corrupt (exit 1 on corruption)",
     )
     return parser
 
@@ -215,6 +223,15 @@ def _default_workers() -> int:
 def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     root = os.path.expanduser(args.cache_dir) if args.cache_dir else default_cache_dir()
     width = max(map(len, MODELS))
+    if args.verify:
+        found = verify_cache(root)
+        for entry in found:
+            status = f"{entry.status:<7}  {entry.path}" if entry.status != "missing" else "-"
+            out(f"{entry.name:<{width}}  {status}")
+        corrupt = sum(entry.status == "corrupt" for entry in found)
+        if corrupt:
+            out(f"{corrupt} corrupt file(s): the next clip.load of each downloads it again")
+        return EXIT_FAILURE if corrupt else EXIT_OK
     for name, url in MODELS.items():
         path = os.path.join(root, os.path.basename(url))
         status = f"present  {path}" if os.path.isfile(path) else "-"

@@ -7,7 +7,16 @@ Bytes arrive in ``<file>.partial`` beside the final file, are hashed as they str
 memory), fsync'ed, verified, and only then renamed to ``<file>``: the final name exists only for
 verified bytes. A partial left by an interrupted download is resumed with an HTTP Range request
 and verified like any other. One process (and one thread) at a time downloads a given file; the
-others wait on ``<file>.lock`` and then use the verified file.
+others wait on ``<file>.lock`` (a :mod:`filelock` lock) and then use the verified file.
+
+A verified file gets a marker beside it, ``<file>.verified`` (its size, ``mtime_ns`` and SHA256),
+so later loads hash it again only when its size or modification time changed.
+:func:`verify_cache` (``clip models --verify``) re-hashes every cached file regardless.
+
+Network errors follow :mod:`clip.retry`: those that may heal (timeouts, resets, HTTP 429/5xx) are
+retried with backoff; those that cannot (HTTP 403/404, an unknown host) fail at once. A download
+gives up after ``$CLIP_DOWNLOAD_STALL_LIMIT`` seconds (default 120) without a new byte, however
+many retries are left.
 
 Environment variables (arguments win over them):
 
@@ -15,21 +24,20 @@ Environment variables (arguments win over them):
 - ``CLIP_OFFLINE=1``: never touch the network; a missing file is an error saying how to place it.
 - ``CLIP_MODEL_BASE_URL``: a mirror; it replaces everything before ``<sha256>/<file>`` in the URL.
 - ``CLIP_QUIET=1``: no progress bar.
-- ``CLIP_DOWNLOAD_TIMEOUT``: seconds without a byte before a read is abandoned (default 60).
+- ``CLIP_DOWNLOAD_TIMEOUT``: seconds without a byte before a read is abandoned (default 20).
 - ``CLIP_DOWNLOAD_RETRIES``: retries in a row that bring no new bytes before giving up (default 5).
+- ``CLIP_DOWNLOAD_STALL_LIMIT``: seconds without a new byte, across attempts and the waits
+  between them, before giving up (default 120).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import http.client
 import logging
 import os
-import ssl
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,16 +45,24 @@ import warnings
 from collections.abc import Iterator
 from typing import IO, Optional
 
+import filelock
 from tqdm import tqdm
+
+from clip import verified
+from clip.atomic import fsync_dir
+from clip.retry import RetryPolicy, is_transient
+from clip.verified import sha256_of
 
 __all__ = [
     "MODELS",
+    "CachedFile",
     "DownloadError",
     "available_models",
     "default_cache_dir",
     "download",
     "expected_sha256",
     "sha256_of",
+    "verify_cache",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,18 +89,23 @@ _RELEASES: dict[str, tuple[str, str]] = {
 MODELS: dict[str, str] = {name: f"{_BASE}/{sha}/{file}" for name, (sha, file) in _RELEASES.items()}
 
 _CHUNK = 1 << 20
-_TIMEOUT_S = 60.0
+_TIMEOUT_S = 20.0  # per read; pip uses 15, huggingface_hub 10
 _RETRIES = 5
+_STALL_LIMIT_S = 120.0  # without a new byte, whatever retries are left
 _BACKOFF_S = 1.0  # first wait between attempts; doubles each time
 _BACKOFF_MAX_S = 30.0
+
+# The clock and the wait of the retry loop (a test replaces both to run minutes in no time).
+_monotonic = time.monotonic
+_sleep = time.sleep
 
 
 class DownloadError(RuntimeError):
     """A model file that could not be obtained with the right SHA256."""
 
 
-class _Transient(Exception):
-    """An attempt that failed in a way worth retrying (the partial file is kept)."""
+class _ClosedEarly(ConnectionError):
+    """The server closed the connection before the announced end of the body (may heal)."""
 
 
 def available_models() -> list[str]:
@@ -100,15 +121,6 @@ def default_cache_dir() -> str:
 def expected_sha256(url: str) -> str:
     """The SHA256 a released file must have: its URL's second-to-last path segment."""
     return url.rstrip("/").split("/")[-2]
-
-
-def sha256_of(path: str) -> str:
-    """SHA256 hex digest of a file, read in constant memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _env_flag(name: str) -> bool:
@@ -140,13 +152,17 @@ def download(
     progress: Optional[bool] = None,
     timeout: Optional[float] = None,
     retries: Optional[int] = None,
+    *,
+    stall_limit: Optional[float] = None,
 ) -> str:
     """Return a verified local copy of ``url`` under ``root``, downloading it if needed.
 
-    A cached file is reused, without any request, only if its SHA256 matches; a cached file with
-    the wrong hash is reported with a warning and replaced. Downloads resume interrupted partial
-    files, retry transient failures with exponential backoff, and are serialised across threads
-    and processes by a lock file, so concurrent callers download once.
+    A cached file is reused without any request if its SHA256 matches: hashed once, then trusted
+    through its ``<file>.verified`` marker while its size and modification time are unchanged. A
+    cached file with the wrong hash is reported with a warning and replaced. Downloads resume
+    interrupted partial files, retry the errors :func:`clip.retry.is_transient` calls transient
+    with exponential backoff, and are serialised across threads and processes by a lock file,
+    so concurrent callers download once.
 
     Args:
         url: a registry URL (SHA256 as its second-to-last path segment). The host part is replaced
@@ -155,27 +171,32 @@ def download(
         progress: show a tqdm bar; default: only when stderr is a terminal and ``$CLIP_QUIET`` is
             not set.
         timeout: seconds without receiving a byte before an attempt is abandoned (default
-            ``$CLIP_DOWNLOAD_TIMEOUT`` or 60).
+            ``$CLIP_DOWNLOAD_TIMEOUT`` or 20).
         retries: attempts after the first on transient errors, counting only attempts that
             brought no new bytes (default ``$CLIP_DOWNLOAD_RETRIES`` or 5).
+        stall_limit: seconds without a new byte, attempts and waits included, after which the
+            download gives up even with retries left (default ``$CLIP_DOWNLOAD_STALL_LIMIT`` or
+            120).
 
     Returns:
         Path of the verified file.
 
     Raises:
         DownloadError: offline (``$CLIP_OFFLINE``) with no verified copy, the network failed on
-            every attempt, the server refused the file, or the received bytes have the wrong
-            SHA256 (no file is left at the final path in that case).
+            every attempt or for too long, the server refused the file (e.g. HTTP 403/404, not
+            retried), the host name is unknown (not retried), or the received bytes have the
+            wrong SHA256 (no file is left at the final path in that case).
+        ValueError: a negative ``retries``, or a ``timeout``/``stall_limit`` that is not positive.
     """
     root = os.path.expanduser(os.fspath(root)) if root else default_cache_dir()
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, os.path.basename(url.rstrip("/")))
     expected = expected_sha256(url)
-    if os.path.isfile(target) and sha256_of(target) == expected:
+    if verified.trusted(target, expected):
         return target
     with _locked(target + ".lock"):
         if os.path.isfile(target):  # another process may have just finished it
-            if sha256_of(target) == expected:
+            if verified.trusted(target, expected):
                 return target
             warnings.warn(
                 f"{target} does not have SHA256 {expected} (corrupt or from another release); "
@@ -184,13 +205,7 @@ def download(
             )
         if _env_flag("CLIP_OFFLINE"):
             raise DownloadError(_not_here(target, _mirrored(url), "$CLIP_OFFLINE is set"))
-        if timeout is None:
-            timeout = _env_number("CLIP_DOWNLOAD_TIMEOUT", _TIMEOUT_S)
-        if retries is None:
-            retries = int(_env_number("CLIP_DOWNLOAD_RETRIES", _RETRIES))
-        if retries < 0 or timeout <= 0:
-            raise ValueError(f"need retries >= 0 and timeout > 0, got {retries} and {timeout}")
-        options = _Options(timeout, retries, _show_progress(progress))
+        options = _options(timeout, retries, stall_limit, _show_progress(progress))
         _fetch_verified(_mirrored(url), target, expected, options)
     return target
 
@@ -214,9 +229,75 @@ def _not_here(target: str, url: str, why: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    timeout: float  # seconds without a byte
-    retries: int  # attempts after the first
+    policy: RetryPolicy  # retries (attempts after the first), backoff, per-read timeout
+    stall_limit: float  # seconds without a new byte before giving up
     progress: bool
+
+
+def _options(
+    timeout: Optional[float], retries: Optional[int], stall_limit: Optional[float], progress: bool
+) -> _Options:
+    """The arguments, else the environment, else the defaults; checked."""
+    if timeout is None:
+        timeout = _env_number("CLIP_DOWNLOAD_TIMEOUT", _TIMEOUT_S)
+    if retries is None:
+        retries = int(_env_number("CLIP_DOWNLOAD_RETRIES", _RETRIES))
+    if stall_limit is None:
+        stall_limit = _env_number("CLIP_DOWNLOAD_STALL_LIMIT", _STALL_LIMIT_S)
+    if retries < 0 or timeout <= 0 or stall_limit <= 0:
+        raise ValueError(
+            "need retries >= 0, timeout > 0 and stall_limit > 0, got "
+            f"{retries}, {timeout} and {stall_limit}"
+        )
+    policy = RetryPolicy(retries, _BACKOFF_S, _BACKOFF_MAX_S, timeout)
+    return _Options(policy, stall_limit, progress)
+
+
+# ---- re-verifying the cache ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedFile:
+    """What :func:`verify_cache` found for one released model.
+
+    Attributes:
+        name: the model's name, e.g. ``"ViT-B/32"``.
+        path: where its file is (or would be) in the cache.
+        status: ``"ok"`` (SHA256 matches), ``"corrupt"`` (it does not) or ``"missing"``.
+    """
+
+    name: str
+    path: str
+    status: str
+
+
+def verify_cache(root: Optional[str] = None) -> list[CachedFile]:
+    """Re-hash every released model file in the cache, whatever its marker says.
+
+    A file with the right SHA256 gets a fresh marker; a corrupt one loses its marker, so the next
+    :func:`clip.load` of it hashes it, warns, and downloads it again.
+
+    Args:
+        root: cache directory (default :func:`default_cache_dir`).
+
+    Returns:
+        One entry per released model, in :data:`MODELS` order.
+    """
+    root = os.path.expanduser(os.fspath(root)) if root else default_cache_dir()
+    found = []
+    for name, url in MODELS.items():
+        path = os.path.join(root, os.path.basename(url.rstrip("/")))
+        status = "missing"
+        if os.path.isfile(path):
+            stamp, expected = verified.stamp(path), expected_sha256(url)
+            if verified.sha256_of(path) == expected:
+                verified.write_marker(path, stamp, expected)
+                status = "ok"
+            else:
+                verified.drop_marker(path)
+                status = "corrupt"
+        found.append(CachedFile(name, path, status))
+    return found
 
 
 # ---- one verified download ------------------------------------------------------------------
@@ -241,31 +322,63 @@ def _fetch_verified(url: str, target: str, expected: str, options: _Options) -> 
             f"SHA256 of {url} is {got}, expected {expected}; the file was discarded. "
             "Retry; if it persists, the server or a proxy is serving wrong bytes"
         )
+    verified.drop_marker(target)  # a stale marker must not vouch for the new file
     os.replace(partial, target)
-    _fsync_dir(os.path.dirname(target))
+    fsync_dir(os.path.dirname(target))
+    verified.write_marker(target, verified.stamp(target), expected)
 
 
 def _fill(url: str, target: str, options: _Options) -> str:
     """Complete ``target``'s partial file (resuming, retrying); return the SHA256 of its bytes."""
+    policy = options.policy
     with open(target + ".partial", "ab+") as out, _bar(url, options.progress) as bar:
         failures = 0  # consecutive attempts that brought no new bytes
+        last_byte = _monotonic()  # when the file last grew (or the download started)
         while True:
             before = out.seek(0, os.SEEK_END)
-            try:
-                _attempt(url, out, bar, options.timeout)
+            left = options.stall_limit - (_monotonic() - last_byte)
+            try:  # (at least 0.1 s: a late wake-up must not turn into a zero timeout)
+                _attempt(url, out, bar, max(0.1, min(policy.timeout_s, left)))
                 break
-            except _Transient as e:
-                failures = 1 if out.tell() > before else failures + 1
-                if failures > options.retries:
-                    why = f"{url} could not be downloaded ({failures} attempts; last: {e})"
+            except Exception as e:
+                grew = out.seek(0, os.SEEK_END) > before
+                if grew:
+                    last_byte = _monotonic()
+                if not is_transient(e):
+                    raise DownloadError(_permanent(url, target, e)) from e
+                failures = 1 if grew else failures + 1
+                wait = policy.delay(failures, e)
+                stalled = _monotonic() - last_byte
+                if failures > policy.retries or stalled + wait >= options.stall_limit:
+                    why = (
+                        f"{url} could not be downloaded ({failures} attempts, {stalled:.0f} s "
+                        f"without a new byte; last: {_reason(e)})"
+                    )
                     raise DownloadError(_not_here(target, url, why)) from e
-                wait = min(_BACKOFF_S * 2 ** (failures - 1), _BACKOFF_MAX_S)
-                logger.warning("download of %s interrupted (%s); retrying in %.1fs", url, e, wait)
-                time.sleep(wait)
+                logger.warning(
+                    "download of %s interrupted (%s); retrying in %.1fs", url, _reason(e), wait
+                )
+                _sleep(wait)
         out.flush()
         os.fsync(out.fileno())
         out.seek(0)
-        return _hash_stream(out)
+        return verified.sha256_of_stream(out)
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, without urllib's ``<urlopen error ...>`` wrapping."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    reason = getattr(e, "reason", e)
+    return str(reason) or type(reason).__name__
+
+
+def _permanent(url: str, target: str, e: BaseException) -> str:
+    """The message for an error that retrying cannot fix (it was not retried)."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"{url} answered {_reason(e)} (not retried: the server refuses this file)"
+    why = f"{url} could not be downloaded: {_reason(e)} (not retried: retrying cannot fix it)"
+    return _not_here(target, url, why)
 
 
 def _bar(url: str, progress: bool) -> tqdm:
@@ -279,15 +392,12 @@ def _bar(url: str, progress: bool) -> tqdm:
     )
 
 
-def _hash_stream(f: IO[bytes]) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
 def _attempt(url: str, out: IO[bytes], bar: tqdm, timeout: float) -> None:
-    """Append the rest of ``url`` to ``out`` (or rewrite it if the server ignores Range)."""
+    """Append the rest of ``url`` to ``out`` (or rewrite it if the server ignores Range).
+
+    Raises what urllib raises (classified by :func:`clip.retry.is_transient`), or
+    :class:`_ClosedEarly` if the body ends before its announced length.
+    """
     offset = out.seek(0, os.SEEK_END)
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -301,16 +411,9 @@ def _attempt(url: str, out: IO[bytes], bar: tqdm, timeout: float) -> None:
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # partial is already whole (or longer): verify decides
             return
-        if e.code in (408, 429) or e.code >= 500:
-            raise _Transient(f"HTTP {e.code} {e.reason}") from e
-        raise DownloadError(f"{url} answered HTTP {e.code} {e.reason}") from e
-    except (OSError, http.client.HTTPException) as e:  # URLError, resets, timeouts
-        reason = getattr(e, "reason", e)
-        if isinstance(reason, ssl.SSLCertVerificationError):  # retrying will not help
-            raise DownloadError(f"{url}: {reason}") from e
-        raise _Transient(str(reason) or type(e).__name__) from e
+        raise
     if end is not None and out.tell() < end:
-        raise _Transient(f"connection closed after {out.tell()} of {end} bytes")
+        raise _ClosedEarly(f"connection closed after {out.tell()} of {end} bytes")
 
 
 def _position(response: http.client.HTTPResponse, out: IO[bytes], offset: int) -> int:
@@ -330,90 +433,19 @@ def _stream(response: http.client.HTTPResponse, out: IO[bytes], bar: tqdm) -> No
         bar.update(len(chunk))
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ---- locking --------------------------------------------------------------------------------
-
-_thread_locks: dict[str, threading.Lock] = {}
-_thread_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
-    """Hold ``path`` exclusively against other threads of this process and other processes."""
-    with _thread_locks_guard:
-        thread_lock = _thread_locks.setdefault(os.path.abspath(path), threading.Lock())
-    with thread_lock:
-        fd = _lock_file(path)
-        try:
-            yield
-        finally:
-            _unlock_file(path, fd)
-
-
-def _lock_file(path: str) -> int:
-    """Open and lock ``path``; the OS releases the lock if this process dies."""
-    waited = False
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
-            if not waited:
-                logger.info("waiting for another process to finish downloading (%s)", path)
-                waited = True
-            _block_lock(fd)
-        try:  # the holder before us may have removed the file we locked: lock the new one
-            if os.name != "posix" or os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
-if os.name == "posix":
-    import fcntl
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    def _block_lock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-
-    def _unlock_file(path: str, fd: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # while still locked, so no waiter can lock a file we then delete
-        os.close(fd)  # releases the flock
-
-else:  # Windows
-    import msvcrt
-
-    def _try_lock(fd: int) -> bool:
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-        except OSError:
-            return False
-        return True
-
-    def _block_lock(fd: int) -> None:
-        while not _try_lock(fd):
-            time.sleep(0.1)
-
-    def _unlock_file(path: str, fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
-        os.close(fd)  # an open file cannot be removed on Windows; the lock file stays
+    """Hold ``path`` exclusively against other threads and processes (released if one dies)."""
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        logger.info("waiting for another process to finish downloading (%s)", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

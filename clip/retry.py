@@ -60,7 +60,14 @@ def is_transient(error: BaseException) -> bool:
         return False
     return isinstance(
         error,
-        (TimeoutError, ConnectionError, http.client.HTTPException, ssl.SSLError, EOFError),
+        (
+            TimeoutError,
+            socket.timeout,  # a read timeout on Python 3.9, where it is not yet a TimeoutError
+            ConnectionError,
+            http.client.HTTPException,
+            ssl.SSLError,
+            EOFError,
+        ),
     )
 
 

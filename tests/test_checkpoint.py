@@ -1,4 +1,4 @@
-"""clip.checkpoint: safetensors, clip.save, wrappers, mmap and refusing code-carrying pickles."""
+"""clip.checkpoint: safetensors, clip.save, wrappers, owned memory, refusing code in pickles."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import gc
 import importlib.util
 import os
 import pickle
+import subprocess
 import sys
+import warnings
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import TINY, make_state_dict
+from checkpoints import TINY, make_state_dict, write_openai_archive
 from conftest import sample_images, sample_text
 
 import clip
@@ -28,6 +30,8 @@ needs_safetensors = pytest.mark.skipif(
     importlib.util.find_spec("safetensors") is None,
     reason="safetensors is not installed (the safetensors extra)",
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def outputs(model: torch.nn.Module, arch_name: str) -> torch.Tensor:
@@ -120,6 +124,13 @@ def test_training_wrappers_are_unwrapped(tmp_path: Path, wrap: object) -> None:
     assert torch.equal(outputs(model, "tiny-vit"), outputs(build_from_state_dict(sd), "tiny-vit"))
 
 
+def test_a_torch_save_file_named_safetensors_is_read_by_content(tmp_path: Path) -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    torch.save(sd, tmp_path / "ft.safetensors")
+    read, is_archive = read_checkpoint(tmp_path / "ft.safetensors")
+    assert not is_archive and all(torch.equal(read[k], sd[k]) for k in sd)
+
+
 def test_a_dict_without_weights_names_its_keys(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": torch.tensor(0.1), "notes": "x"}, tmp_path / "meta.pt")
     with pytest.raises(CheckpointError, match=r"\['epoch', 'lr', 'notes'\].*clip\.save"):
@@ -149,7 +160,7 @@ def test_pickles_carrying_objects_are_refused(tmp_path: Path, payload: object) -
 # ---- memory -----------------------------------------------------------------------------------
 
 
-def test_zip_fp32_state_dicts_are_memory_mapped_and_others_read_into_memory(
+def test_state_dicts_are_read_into_memory_not_mapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sd = make_state_dict(TINY["tiny-vit"])
@@ -164,10 +175,92 @@ def test_zip_fp32_state_dicts_are_memory_mapped_and_others_read_into_memory(
         read, _ = read_checkpoint(tmp_path / name)
         assert all(torch.equal(read[k], expected[k]) for k in expected)
         assert all(read[k].dtype == expected[k].dtype for k in expected)
-    # fp32 zip: mapped; fp16 zip: mapped to look, then read (its upcast frees tensor by tensor);
-    # legacy format: cannot be mapped.
-    assert [kw.get("mmap") for kw in seen] == [True, True, None, None]
+    # One read per file, never mapped: a mapped tensor would alias the file (see below).
+    assert len(seen) == 3 and not any(kw.get("mmap") for kw in seen)
     assert all(kw["weights_only"] for kw in seen)
+
+
+# What a fine-tuning loop does: load, then save over the file the weights came from. A parameter
+# that still maps the file reads it while torch.save truncates it: SIGBUS, and a truncated file.
+# One child process for every kind of file (starting torch is the slow part).
+_SAVE_OVER = """
+import sys, torch, clip
+for path in sys.argv[1:]:
+    model, _ = clip.load(path, device="cpu")
+    torch.save(model.state_dict(), path)
+    print("saved over", path, flush=True)
+"""
+
+KINDS = ("state-dict-fp32", "state-dict-fp16", "state-dict-legacy", "archive", "safetensors")
+
+
+def _kinds(tmp_path: Path) -> dict[str, Path]:
+    """One file of each kind clip.load reads, all holding the tiny ViT's weights."""
+    arch = TINY["tiny-vit"]
+    names = ("sd32.pt", "sd16.pt", "legacy.pt", "archive.pt", "st.bin")  # by content
+    paths = {kind: tmp_path / name for kind, name in zip(KINDS, names)}
+    torch.save(make_state_dict(arch), paths["state-dict-fp32"])
+    torch.save(make_state_dict(arch, layout="openai"), paths["state-dict-fp16"])
+    torch.save(
+        make_state_dict(arch), paths["state-dict-legacy"], _use_new_zipfile_serialization=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        write_openai_archive(arch, make_state_dict(arch, layout="openai"), str(paths["archive"]))
+    clip.save(make_state_dict(arch), paths["safetensors"])
+    return paths
+
+
+def test_saving_over_the_loaded_file_keeps_the_weights(tmp_path: Path) -> None:
+    paths = _kinds(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-c", _SAVE_OVER, *map(str, paths.values())],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert run.returncode == 0, (
+        f"exit {run.returncode} (-7 is SIGBUS) after:\n{run.stdout}{run.stderr[-2000:]}"
+    )
+    expected = make_state_dict(TINY["tiny-vit"])  # what every kind holds, as fp32
+    for kind, path in paths.items():
+        saved = torch.load(path, weights_only=True)
+        assert set(saved) == set(expected), kind
+        assert all(torch.equal(saved[k], expected[k]) for k in expected), kind
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_loaded_tensor_maps_the_file(tmp_path: Path, kind: str) -> None:
+    path = _kinds(tmp_path)[kind]
+    model, _ = clip.load(str(path), device="cpu")
+    gc.collect()
+    assert str(path.resolve()) not in Path("/proc/self/maps").read_text()
+    assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
+def test_safetensors_before_the_pread_backend_are_copied_out_of_the_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch as st
+
+    sd = make_state_dict(TINY["tiny-vit"])
+    clip.save(sd, tmp_path / "w.safetensors")
+    real = st.load_file
+    calls: list[str] = []
+
+    def load_file(filename: str, device: str = "cpu") -> dict[str, torch.Tensor]:  # < 0.8
+        calls.append(filename)
+        return real(filename, device=device)
+
+    monkeypatch.setattr(st, "load_file", load_file)
+    read, _ = read_checkpoint(tmp_path / "w.safetensors")
+    gc.collect()
+    assert calls == []  # the backend-less load_file would return views of the map
+    assert str((tmp_path / "w.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
+    assert set(read) == set(sd) and all(torch.equal(read[k], sd[k]) for k in sd)
 
 
 def test_no_reference_to_the_torchscript_module_is_kept(

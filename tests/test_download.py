@@ -7,11 +7,14 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,16 +26,19 @@ from flaky_server import Fault, FlakyServer
 
 import clip
 from clip import download as dl
+from clip import verified
 from clip.download import MODELS, DownloadError, download, expected_sha256
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BACKOFF_S = dl._BACKOFF_S  # before the autouse fixture shortens it
+DL_VARS = ("CLIP_DOWNLOAD_TIMEOUT", "CLIP_DOWNLOAD_RETRIES", "CLIP_DOWNLOAD_STALL_LIMIT")
 MB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
 def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dl, "_BACKOFF_S", 0.01)
-    for var in ("CLIP_OFFLINE", "CLIP_MODEL_BASE_URL", "CLIP_CACHE_DIR", "CLIP_QUIET"):
+    for var in ("CLIP_OFFLINE", "CLIP_MODEL_BASE_URL", "CLIP_CACHE_DIR", "CLIP_QUIET", *DL_VARS):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -49,7 +55,8 @@ def publish(server: FlakyServer, body: bytes, name: str = "M.pt") -> str:
 
 
 def listing(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir())
+    """The files in ``root`` but the empty ``<file>.lock``, which filelock leaves in place."""
+    return sorted(p.name for p in root.iterdir() if p.suffix != ".lock")
 
 
 def body_of(size: int) -> bytes:
@@ -95,7 +102,7 @@ def test_download_then_reuse_without_a_request(server: FlakyServer, tmp_path: Pa
     assert Path(path).read_bytes() == body and len(server.hits) == 1
     assert download(url, str(tmp_path), progress=False) == path
     assert len(server.hits) == 1  # the verified cache was reused without a request
-    assert listing(tmp_path) == ["M.pt"]  # no partial, no lock file left behind
+    assert listing(tmp_path) == ["M.pt", "M.pt.verified"]  # no partial left behind
 
 
 def test_corrupt_cache_warns_and_is_replaced(server: FlakyServer, tmp_path: Path) -> None:
@@ -104,7 +111,7 @@ def test_corrupt_cache_warns_and_is_replaced(server: FlakyServer, tmp_path: Path
     (tmp_path / "M.pt").write_bytes(b"bad")
     with pytest.warns(UserWarning, match="does not have SHA256.*downloading it again"):
         path = download(url, str(tmp_path), progress=False)
-    assert Path(path).read_bytes() == body and listing(tmp_path) == ["M.pt"]
+    assert Path(path).read_bytes() == body and listing(tmp_path) == ["M.pt", "M.pt.verified"]
 
 
 def test_wrong_bytes_raise_with_both_hashes_and_leave_nothing(
@@ -129,6 +136,114 @@ def test_a_lying_short_content_length_is_caught_by_the_hash(
     assert listing(tmp_path) == []
 
 
+# ---- the verified marker and clip models --verify ---------------------------------------------
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files that are hashed whole (not the download stream, which is hashed as it arrives)."""
+    seen: list[str] = []
+    real = verified.sha256_of
+    for module in (verified, dl):  # where it lives, and the name clip.download re-exports
+        monkeypatch.setattr(module, "sha256_of", lambda path: seen.append(path) or real(path))
+    return seen
+
+
+def test_a_verified_file_is_not_hashed_again(
+    server: FlakyServer, tmp_path: Path, hashes: list[str]
+) -> None:
+    body = body_of(MB)
+    url = publish(server, body)
+    path = download(url, str(tmp_path), progress=False)
+    assert download(url, str(tmp_path), progress=False) == path
+    assert download(url, str(tmp_path), progress=False) == path
+    assert hashes == [] and len(server.hits) == 1
+    marker = json.loads((tmp_path / "M.pt.verified").read_text())
+    st = os.stat(path)
+    assert marker == {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
+def test_a_touched_file_is_hashed_again_once(
+    server: FlakyServer, tmp_path: Path, hashes: list[str]
+) -> None:
+    url = publish(server, body_of(MB))
+    path = download(url, str(tmp_path), progress=False)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert download(url, str(tmp_path), progress=False) == path
+    assert download(url, str(tmp_path), progress=False) == path
+    assert hashes == [path] and len(server.hits) == 1
+
+
+def test_a_modified_file_is_hashed_and_refused(
+    server: FlakyServer, tmp_path: Path, hashes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = body_of(MB)
+    url = publish(server, body)
+    path = Path(download(url, str(tmp_path), progress=False))
+    path.write_bytes(b"\0" + body[1:])  # same size, new modification time
+    monkeypatch.setenv("CLIP_OFFLINE", "1")
+    refused = pytest.raises(DownloadError, match="CLIP_OFFLINE")
+    with pytest.warns(UserWarning, match="does not have SHA256"), refused:
+        download(url, str(tmp_path), progress=False)
+    assert hashes and not (tmp_path / "M.pt.verified").exists()
+    monkeypatch.delenv("CLIP_OFFLINE")
+    with pytest.warns(UserWarning, match="downloading it again"):
+        assert Path(download(url, str(tmp_path), progress=False)).read_bytes() == body
+
+
+def flip_a_byte_in_place(path: Path) -> None:
+    """Corrupt ``path`` the way a disk does: same size, same modification time."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_verify_finds_a_flipped_byte_the_marker_cannot_see(
+    server: FlakyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = body_of(MB)
+    monkeypatch.setitem(MODELS, "tiny", publish(server, body, "tiny.pt"))
+    monkeypatch.setitem(MODELS, "other", publish(server, b"other", "other.pt"))
+    path = Path(download(MODELS["tiny"], str(tmp_path), progress=False))
+    download(MODELS["other"], str(tmp_path), progress=False)
+    flip_a_byte_in_place(path)
+    assert download(MODELS["tiny"], str(tmp_path), progress=False) == str(path)  # the marker
+    found = {entry.name: entry.status for entry in dl.verify_cache(str(tmp_path))}
+    assert found["tiny"] == "corrupt" and found["other"] == "ok" and found["RN50"] == "missing"
+    assert not (tmp_path / "tiny.pt.verified").exists()  # the next use hashes it again
+    with pytest.warns(UserWarning, match="downloading it again"):
+        assert Path(download(MODELS["tiny"], str(tmp_path), progress=False)).read_bytes() == body
+
+
+def test_clip_models_verify_prints_a_table_and_fails_on_corruption(
+    server: FlakyServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from clip.cli import main
+
+    monkeypatch.setitem(MODELS, "tiny", publish(server, body_of(MB), "tiny.pt"))
+    path = Path(download(MODELS["tiny"], str(tmp_path), progress=False))
+    assert main(["models", "--verify", "--cache-dir", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["tiny"] == ["ok", str(path)] and rows["ViT-B/32"] == ["-"]
+    flip_a_byte_in_place(path)
+    assert main(["models", "--verify", "--cache-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()}
+    assert rows["tiny"] == ["corrupt", str(path)] and "1 corrupt file(s)" in out
+
+
 # ---- resume and retry -----------------------------------------------------------------------
 
 
@@ -139,7 +254,7 @@ def test_dropped_connection_resumes_with_range(server: FlakyServer, tmp_path: Pa
     path = download(url, str(tmp_path), progress=False)
     assert Path(path).read_bytes() == body
     assert [h.range for h in server.hits] == [None, f"bytes={2 * MB}-"]
-    assert listing(tmp_path) == ["M.pt"]
+    assert listing(tmp_path) == ["M.pt", "M.pt.verified"]
 
 
 def test_server_ignoring_range_restarts_from_zero(server: FlakyServer, tmp_path: Path) -> None:
@@ -206,6 +321,85 @@ def test_not_found_fails_at_once(server: FlakyServer, tmp_path: Path) -> None:
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("status", [403, 404])
+def test_refused_files_are_not_retried(server: FlakyServer, tmp_path: Path, status: int) -> None:
+    url = publish(server, b"x" * 100)
+    server.faults = [Fault(status=status)] * 3
+    with pytest.raises(DownloadError, match=f"HTTP {status}.*not retried"):
+        download(url, str(tmp_path), progress=False, retries=3)
+    assert len(server.hits) == 1
+
+
+def test_an_unknown_host_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def urlopen(request: urllib.request.Request, timeout: float) -> None:
+        calls.append(request.full_url)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DownloadError, match=r"Name or service not known \(not retried.*copy it to"):
+        download(f"https://no.such.host.invalid/{'a' * 64}/M.pt", str(tmp_path), progress=False)
+    assert len(calls) == 1
+
+
+def test_retries_follow_the_packages_retry_policy(
+    server: FlakyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = publish(server, b"x" * 100)
+    server.faults = [Fault(status=503)]
+    monkeypatch.setattr(dl, "is_transient", lambda e: False)  # clip.retry's verdict decides
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        download(url, str(tmp_path), progress=False)
+    assert len(server.hits) == 1
+
+
+def test_a_stalled_server_gives_up_at_the_stall_limit(server: FlakyServer, tmp_path: Path) -> None:
+    url = publish(server, body_of(2 * MB))
+    server.faults = [Fault(stall_at=0)] * 100  # headers, then silence, every time
+    with pytest.raises(DownloadError, match=r"without a new byte; last: timed out"):
+        download(url, str(tmp_path), progress=False, timeout=0.2, retries=100, stall_limit=1.0)
+    # 0.2 s per attempt (plus 10 ms waits) fits at most 5 attempts in 1 s: far from 101.
+    assert 2 <= len(server.hits) <= 6
+
+
+def test_the_stall_limit_from_the_environment(
+    server: FlakyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = publish(server, body_of(2 * MB))
+    server.faults = [Fault(stall_at=0)] * 100
+    monkeypatch.setenv("CLIP_DOWNLOAD_TIMEOUT", "0.2")
+    monkeypatch.setenv("CLIP_DOWNLOAD_RETRIES", "100")
+    monkeypatch.setenv("CLIP_DOWNLOAD_STALL_LIMIT", "0.5")
+    with pytest.raises(DownloadError, match="without a new byte"):
+        download(url, str(tmp_path), progress=False)
+    assert 2 <= len(server.hits) <= 4
+
+
+def test_the_defaults_give_up_within_two_minutes_without_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    timeouts: list[float] = []
+
+    def urlopen(request: urllib.request.Request, timeout: float) -> None:
+        timeouts.append(timeout)
+        now[0] += timeout  # a server that accepts the connection and never answers
+        raise urllib.error.URLError(TimeoutError("timed out"))
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(dl, "_BACKOFF_S", DEFAULT_BACKOFF_S)  # the real waits, on a fake clock
+    monkeypatch.setattr(dl, "_monotonic", lambda: now[0])
+    monkeypatch.setattr(dl, "_sleep", sleep)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(DownloadError, match="without a new byte"):
+        download(f"https://stalled.example/{'a' * 64}/M.pt", str(tmp_path), progress=False)
+    assert len(timeouts) > 1 and max(timeouts) <= 30  # it retries, with a short read timeout
+    assert now[0] <= 120, f"gave up after {now[0]:.0f} s without progress"
+
+
 def test_stalled_server_times_out_instead_of_hanging(server: FlakyServer, tmp_path: Path) -> None:
     url = publish(server, body_of(2 * MB))
     server.faults = [Fault(stall_at=0), Fault(stall_at=0)]  # headers, then silence
@@ -258,7 +452,7 @@ def test_a_complete_partial_is_promoted_after_verification(
     url = publish(server, body)
     (tmp_path / "M.pt.partial").write_bytes(body)  # killed between the last byte and the rename
     assert Path(download(url, str(tmp_path), progress=False)).read_bytes() == body
-    assert listing(tmp_path) == ["M.pt"]
+    assert listing(tmp_path) == ["M.pt", "M.pt.verified"]
 
 
 # ---- offline and mirror ---------------------------------------------------------------------
@@ -334,7 +528,7 @@ def test_load_by_name_downloads_verifies_and_builds(
 ) -> None:
     model, preprocess = clip.load("tiny-vit", device="cpu", download_root=str(tmp_path))
     assert model.visual.input_resolution == 32 and preprocess.transforms[1].size == (32, 32)
-    assert listing(tmp_path) == ["tiny-vit.pt"]
+    assert listing(tmp_path) == ["tiny-vit.pt", "tiny-vit.pt.verified"]
     assert "tiny-vit" in clip.available_models()
 
 
@@ -360,20 +554,8 @@ def test_eight_threads_download_once(tiny_release: tuple[FlakyServer, str], tmp_
     assert all(torch.equal(encoded(m), first) for m in results[1:])
 
 
-# Imports clip/download.py on its own, without clip/__init__ and torch: quick to start, and a
-# memory baseline that is not dominated by torch.
-_ALONE = f"""
-import importlib.util, sys
-path = {str(REPO / "clip" / "download.py")!r}
-spec = importlib.util.spec_from_file_location("download_alone", path)
-dl = importlib.util.module_from_spec(spec)
-sys.modules["download_alone"] = dl
-spec.loader.exec_module(dl)
-"""
-
-
 def run_python(code: str, **env: str) -> subprocess.Popen:
-    code = textwrap.dedent(code).replace("from download_alone import dl", _ALONE)
+    code = textwrap.dedent(code)
     return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=REPO,
@@ -404,7 +586,7 @@ def test_two_processes_download_once(tiny_release: tuple[FlakyServer, str], tmp_
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     assert len(server.hits) == 1
-    assert listing(tmp_path / "cache") == ["tiny-vit.pt"]
+    assert listing(tmp_path / "cache") == ["tiny-vit.pt", "tiny-vit.pt.verified"]
     in_process, _ = clip.load("tiny-vit", device="cpu", download_root=str(tmp_path / "cache"))
     for i in range(2):
         assert torch.equal(torch.load(tmp_path / "ready" / f"{i}.out"), encoded(in_process))
@@ -416,7 +598,7 @@ def test_a_killed_download_leaves_nothing_trusted(server: FlakyServer, tmp_path:
     server.faults = [Fault(stall_at=2 * MB)]
     proc = run_python(
         f"""
-        from download_alone import dl
+        from clip import download as dl
         dl.download({url!r}, {str(tmp_path)!r}, progress=False)
         """
     )
@@ -432,7 +614,7 @@ def test_a_killed_download_leaves_nothing_trusted(server: FlakyServer, tmp_path:
     path = download(url, str(tmp_path), progress=False)  # the dead process's lock is free
     assert Path(path).read_bytes() == body
     assert server.hits[-1].range == f"bytes={kept}-"
-    assert listing(tmp_path) == ["M.pt"]
+    assert listing(tmp_path) == ["M.pt", "M.pt.verified"]
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -453,7 +635,7 @@ def test_hashing_and_downloading_500_mb_in_constant_memory(tmp_path: Path) -> No
             proc = run_python(
                 f"""
                 import json
-                from download_alone import dl
+                from clip import download as dl
 
                 def status(key):
                     for line in open("/proc/self/status"):

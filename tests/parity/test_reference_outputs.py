@@ -12,6 +12,7 @@ i.e. a relative error of 1e-5, measured against the tensor's scale for entries n
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -77,8 +78,33 @@ def assert_matches_reference(ours: torch.Tensor, ref: torch.Tensor, what: str) -
 
 @pytest.mark.parametrize("arch_name", sorted(TINY))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_state_dict_digest_matches_recording(checkpoint_paths, arch_name: str, layout: str) -> None:
-    assert checkpoint_paths(arch_name, layout).is_file()  # the fixture checks the digest
+def test_state_dict_digest_matches_recording(
+    golden: dict, checkpoint_paths, arch_name: str, layout: str
+) -> None:
+    recorded = golden["archs"][arch_name]["digest"][layout]
+    assert state_dict_digest(make_state_dict(TINY[arch_name], layout=layout)) == recorded
+    # The file the parity tests load holds exactly those weights.
+    on_disk = torch.load(checkpoint_paths(arch_name, layout), weights_only=True)
+    assert state_dict_digest(on_disk) == recorded
+
+
+def test_state_dict_digest_sees_one_changed_value() -> None:
+    sd = make_state_dict(TINY["tiny-vit"])
+    before = state_dict_digest(sd)
+    sd["visual.proj"] = sd["visual.proj"].clone()
+    sd["visual.proj"][0, 0] += 1e-3
+    assert state_dict_digest(sd) != before
+    assert before == hashlib.sha256(_digest_input(make_state_dict(TINY["tiny-vit"]))).hexdigest()
+
+
+def _digest_input(sd: dict) -> bytes:
+    """What :func:`state_dict_digest` hashes, written out independently of it."""
+    parts = []
+    for key in sorted(sd):
+        t = sd[key]
+        parts.append(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        parts.append(t.numpy().tobytes())  # numpy's bytes, not a uint8 view
+    return b"".join(parts)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
