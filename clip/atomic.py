@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Union
 
-__all__ = ["atomic_write", "fsync_dir", "open_atomic"]
+__all__ = ["atomic_write", "fsync_dir", "open_atomic", "publish"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -35,6 +35,21 @@ def fsync_dir(folder: PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def publish(staged: PathLike, path: PathLike) -> None:
+    """Give a finished file its final name durably: fsync it, rename it over ``path``, fsync the
+    folder. For files another writer produced (a download's ``.partial``, an exporter's output);
+    ``staged`` must be on the same file system as ``path``.
+
+    Args:
+        staged: the complete file, under a temporary name.
+        path: its final name; replaced if it exists.
+    """
+    with open(staged, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(staged, path)
+    fsync_dir(os.path.dirname(os.path.abspath(os.fspath(path))))
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ import filelock
 from tqdm import tqdm
 
 from clip import verified
-from clip.atomic import fsync_dir
+from clip.atomic import publish
 from clip.retry import RetryPolicy, is_transient
 from clip.verified import sha256_of
 
@@ -323,8 +323,7 @@ def _fetch_verified(url: str, target: str, expected: str, options: _Options) -> 
             "Retry; if it persists, the server or a proxy is serving wrong bytes"
         )
     verified.drop_marker(target)  # a stale marker must not vouch for the new file
-    os.replace(partial, target)
-    fsync_dir(os.path.dirname(target))
+    publish(partial, target)
     verified.write_marker(target, verified.stamp(target), expected)
 
 
