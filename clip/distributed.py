@@ -14,7 +14,8 @@ same. Two engines, one entry point:
   ``rank`` and ``world_size`` from ``torchrun``'s ``RANK`` / ``WORLD_SIZE`` (one rank if unset)
   and the GPU from ``LOCAL_RANK``; decoding runs in DataLoader workers.
 
-Ray is an optional extra: ``pip install 'clip-torch[ray]'``.
+The engines are :mod:`clip.distributed_ranks` and :mod:`clip.distributed_ray`; what they share
+is in :mod:`clip.distributed_job`. Ray is an optional extra: ``pip install 'clip-torch[ray]'``.
 """
 
 from __future__ import annotations
