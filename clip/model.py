@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from clip.checks import check_device, check_id_dtype
+from clip.checks import check_image, check_text
 from clip.features import TextTokens, attention_heatmap
 from clip.layers import (
     LayerNorm,
@@ -268,22 +268,7 @@ class CLIP(nn.Module):
     def _check_image(self, image: Tensor) -> None:
         if torch.jit.is_tracing():
             return
-        res = self.visual.input_resolution
-        expected = f"[B, 3, {res}, {res}]"
-        if not isinstance(image, Tensor):
-            raise TypeError(f"image must be a torch.Tensor {expected}, got {type(image).__name__}")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (res, res):
-            hint = " (add a batch dimension with image.unsqueeze(0))" if image.dim() == 3 else ""
-            raise ValueError(
-                f"image must have shape {expected}, got {list(image.shape)}{hint}; "
-                "use the preprocess returned by clip.load to resize and normalise images"
-            )
-        if not image.is_floating_point():
-            raise TypeError(
-                f"image must be a float tensor, got {image.dtype}; "
-                "use the preprocess returned by clip.load to convert and normalise images"
-            )
-        check_device(image, self.visual.conv1.weight, "image")
+        check_image(image, self.visual.input_resolution, self.visual.conv1.weight)
 
     # ---- text -------------------------------------------------------------------------------
 
@@ -416,34 +401,8 @@ class CLIP(nn.Module):
         """Validate token ids [B, L]; returns them as int32/int64 (other integer dtypes cast)."""
         if torch.jit.is_tracing():
             return text
-        if not isinstance(text, Tensor):
-            raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
-        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
-            raise TypeError(
-                f"text must hold integer token ids, got {text.dtype}; use clip.tokenize"
-            )
-        check_id_dtype(text.dtype, self.vocab_size)
-        if text.dim() != 2:
-            raise ValueError(
-                f"text must have shape [B, L] (L ≤ {self.context_length}), got {list(text.shape)}; "
-                "for [B, N, L] prompt groups, flatten with text.flatten(0, 1), then reshape"
-            )
-        if text.shape[1] > self.context_length or text.shape[1] == 0:
-            raise ValueError(
-                f"text has {text.shape[1]} tokens per row; this model takes 1 to "
-                f"{self.context_length}: tokenize with clip.tokenize(..., truncate=True)"
-            )
-        check_device(text, self.token_embedding.weight, "text")
-        if text.dtype not in (torch.int32, torch.int64):
-            text = text.long()  # what nn.Embedding takes
-        if text.numel():
-            low, high = (int(v) for v in torch.aminmax(text))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {self.vocab_size}), got range [{low}, {high}]; "
-                    "use clip.tokenize"
-                )
-        return text
+        weight = self.token_embedding.weight
+        return check_text(text, self.vocab_size, self.context_length, weight)
 
     # ---- both -------------------------------------------------------------------------------
 
