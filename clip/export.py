@@ -54,7 +54,7 @@ class _Textual(nn.Module):
         self.model = model
 
     def forward(self, text: Tensor) -> Tensor:
-        return self.model._pooled_text(text, trim=False)
+        return self.model.encode_text_unchecked(text, trim=False)
 
 
 def export_onnx(

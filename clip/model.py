@@ -5,9 +5,10 @@ renaming, and research code that reaches into submodules (``model.transformer.re
 ``model.visual.conv1``...) finds what it expects. Hyperparameters are read from tensor shapes by
 :class:`CLIPConfig`; nothing here knows about files, URLs or devices beyond the tensors it is given.
 
-The parts live in :mod:`clip.layers` (blocks, transformer), :mod:`clip.vision` (image towers) and
-:mod:`clip.weights` (configuration, loading, precision); every name is importable from here too,
-as in OpenAI's ``clip.model``.
+The parts live in :mod:`clip.layers` (blocks, transformer), :mod:`clip.vision` (image towers),
+:mod:`clip.weights` (configuration, loading, precision), :mod:`clip.features` (what the feature
+methods return, heatmaps) and :mod:`clip.checks` (input checks); every name is importable from
+here too, as in OpenAI's ``clip.model``.
 
 Shape legend used in comments: B batch, L sequence length, N batch (sequence-first layout),
 D width, H heads, C channels, R image resolution, G grid side (R // patch), E embed dim.
@@ -18,12 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clip.checks import check_image, check_text
+from clip.features import TextTokens, attention_heatmap
 from clip.layers import (
     LayerNorm,
     QuickGELU,
@@ -266,22 +268,7 @@ class CLIP(nn.Module):
     def _check_image(self, image: Tensor) -> None:
         if torch.jit.is_tracing():
             return
-        res = self.visual.input_resolution
-        expected = f"[B, 3, {res}, {res}]"
-        if not isinstance(image, Tensor):
-            raise TypeError(f"image must be a torch.Tensor {expected}, got {type(image).__name__}")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (res, res):
-            hint = " (add a batch dimension with image.unsqueeze(0))" if image.dim() == 3 else ""
-            raise ValueError(
-                f"image must have shape {expected}, got {list(image.shape)}{hint}; "
-                "use the preprocess returned by clip.load to resize and normalise images"
-            )
-        if not image.is_floating_point():
-            raise TypeError(
-                f"image must be a float tensor, got {image.dtype}; "
-                "use the preprocess returned by clip.load to convert and normalise images"
-            )
-        _check_device(image, self.visual.conv1.weight, "image")
+        check_image(image, self.visual.input_resolution, self.visual.conv1.weight)
 
     # ---- text -------------------------------------------------------------------------------
 
@@ -308,7 +295,7 @@ class CLIP(nn.Module):
         """
         text = self._check_text(text)
         trim = not torch.jit.is_tracing() and self.text_is_trimmable()
-        return self._pooled_text(text, trim=trim)
+        return self.encode_text_unchecked(text, trim=trim)
 
     def text_is_trimmable(self) -> bool:
         """Whether :meth:`encode_text` may skip the columns after the batch's last end-of-text
@@ -319,9 +306,18 @@ class CLIP(nn.Module):
         transformer = self.transformer
         return isinstance(transformer, Transformer) and transformer.is_causal_as_built()
 
-    def _pooled_text(self, text: Tensor, trim: bool) -> Tensor:
-        """Unchecked :meth:`encode_text`; ``trim=False`` keeps the graph free of data-dependent
-        shapes (tracing, ONNX export)."""
+    def encode_text_unchecked(self, text: Tensor, *, trim: bool = False) -> Tensor:
+        """:meth:`encode_text` without its input checks (it checks, then calls this).
+
+        Args:
+            text: valid token ids [B, L] (int32/int64, on the model's device; not checked).
+            trim: run only the first ``max EOT + 1`` columns; right only when
+                :meth:`text_is_trimmable`. False keeps the graph free of data-dependent shapes
+                (tracing, ONNX export).
+
+        Returns:
+            Text embeddings [B, E], not normalised.
+        """
         x, eot = self._text_tokens(text, trim)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # [B, D]
         return pooled @ self.text_projection
@@ -405,34 +401,8 @@ class CLIP(nn.Module):
         """Validate token ids [B, L]; returns them as int32/int64 (other integer dtypes cast)."""
         if torch.jit.is_tracing():
             return text
-        if not isinstance(text, Tensor):
-            raise TypeError(f"text must be a torch.Tensor of token ids, got {type(text).__name__}")
-        if text.is_floating_point() or text.is_complex() or text.dtype == torch.bool:
-            raise TypeError(
-                f"text must hold integer token ids, got {text.dtype}; use clip.tokenize"
-            )
-        _check_id_dtype(text.dtype, self.vocab_size)
-        if text.dim() != 2:
-            raise ValueError(
-                f"text must have shape [B, L] (L ≤ {self.context_length}), got {list(text.shape)}; "
-                "for [B, N, L] prompt groups, flatten with text.flatten(0, 1), then reshape"
-            )
-        if text.shape[1] > self.context_length or text.shape[1] == 0:
-            raise ValueError(
-                f"text has {text.shape[1]} tokens per row; this model takes 1 to "
-                f"{self.context_length}: tokenize with clip.tokenize(..., truncate=True)"
-            )
-        _check_device(text, self.token_embedding.weight, "text")
-        if text.dtype not in (torch.int32, torch.int64):
-            text = text.long()  # what nn.Embedding takes
-        if text.numel():
-            low, high = (int(v) for v in torch.aminmax(text))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {self.vocab_size}), got range [{low}, {high}]; "
-                    "use clip.tokenize"
-                )
-        return text
+        weight = self.token_embedding.weight
+        return check_text(text, self.vocab_size, self.context_length, weight)
 
     # ---- both -------------------------------------------------------------------------------
 
@@ -475,70 +445,6 @@ class CLIP(nn.Module):
         text_features = text_features / text_features.norm(dim=1, keepdim=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
-
-
-class TextTokens(NamedTuple):
-    """Per-token text features and the end-of-text position of each row."""
-
-    tokens: Tensor
-    """[B, L, D] after ``ln_final`` (or [B, L, E] projected)."""
-    eot: Tensor
-    """[B] int64: index of each row's end-of-text token (its largest id)."""
-
-
-def attention_heatmap(attentions: Sequence[Tensor], size: Optional[int] = None) -> Tensor:
-    """Class-token attention over the image grid, averaged over layers and heads.
-
-    Args:
-        attentions: weights from :meth:`CLIP.image_attention`, each [B, H, 1+G*G, 1+G*G];
-            pass the last layers' (e.g. ``layers=[-1]``) for the usual picture.
-        size: if given, bilinearly upsample to [B, size, size] (e.g. the input resolution).
-
-    Returns:
-        [B, G, G] float32, each map summing to 1 (token 0's weights on the patches,
-        renormalised), or [B, size, size] upsampled from it.
-
-    Raises:
-        ValueError: if ``attentions`` is empty, of mixed shapes, or not over a square grid.
-    """
-    if len(attentions) == 0:
-        raise ValueError("attentions is empty; pass model.image_attention(image, layers=[-1])")
-    shape = attentions[0].shape
-    if any(a.shape != shape for a in attentions) or len(shape) != 4 or shape[-1] != shape[-2]:
-        raise ValueError(
-            f"expected attention weights of one shape [B, H, T, T], got "
-            f"{[list(a.shape) for a in attentions]}"
-        )
-    grid = math.isqrt(shape[-1] - 1)
-    if grid * grid != shape[-1] - 1:
-        raise ValueError(f"{shape[-1]} tokens are not a class token plus a square grid")
-    cls = torch.stack([a.float() for a in attentions])[..., 0, 1:].mean(dim=(0, 2))  # [B, G*G]
-    heat = (cls / cls.sum(dim=-1, keepdim=True)).view(-1, grid, grid)  # [B, G, G]
-    if size is None:
-        return heat
-    return F.interpolate(heat[:, None], size=(size, size), mode="bilinear", align_corners=False)[
-        :, 0
-    ]
-
-
-def _check_id_dtype(dtype: torch.dtype, vocab_size: int) -> None:
-    """Refuse an integer dtype too narrow for the vocabulary's ids (e.g. uint8 for 49408 ids):
-    ids cast into it were already wrapped around, so no answer computed from them is right."""
-    if torch.iinfo(dtype).max < vocab_size - 1:
-        raise TypeError(
-            f"text is {dtype}, which holds ids up to {torch.iinfo(dtype).max}, but this model's "
-            f"vocabulary has {vocab_size} ids (the end-of-text id is {vocab_size - 1}): such ids "
-            "were corrupted when they were cast. Keep clip.tokenize's output as it is (int32 or "
-            "int64), or cast with .long() before narrowing"
-        )
-
-
-def _check_device(x: Tensor, weight: Tensor, what: str) -> None:
-    if x.device != weight.device:
-        raise ValueError(
-            f"{what} is on {x.device} but the model is on {weight.device}; "
-            f"move it with {what}.to({str(weight.device)!r})"
-        )
 
 
 def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:

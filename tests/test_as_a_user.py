@@ -150,14 +150,14 @@ def _slow_job(kind: str, inputs: str, out: str, model: str, marker: str) -> subp
     """A job whose encoder is slow and leaves ``marker`` once it has embedded a batch."""
     script = f"""
 import pathlib, sys, time
-import clip.distributed, clip.pipeline
+import clip.distributed, clip.distributed_ranks, clip.pipeline
 real = clip.pipeline.encode_images
 def slow(*args, **kwargs):
     rows = real(*args, **kwargs)
     pathlib.Path({marker!r}).touch()
     time.sleep(0.5)
     return rows
-clip.pipeline.encode_images = clip.distributed._embed = slow
+clip.pipeline.encode_images = clip.distributed_ranks.encode_images = slow
 if {kind!r} == "shards":
     clip.distributed.embed_dataset({inputs!r}, {out!r}, model={model!r}, batch_size=1,
                                    shard_size=1, workers=0)

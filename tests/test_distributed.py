@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 import clip
-from clip import distributed, pipeline
+from clip import distributed, distributed_ray, pipeline
 from clip.cli import main
 from clip.shards import read_shard
 
@@ -321,7 +321,7 @@ def test_actor_plan_refuses_what_the_cluster_cannot_place(
     resources: dict[str, float], actors: Optional[int], device: Optional[str], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        distributed._actor_plan(FakeRay(resources), actors, device)
+        distributed_ray.actor_plan(FakeRay(resources), actors, device)
 
 
 @pytest.mark.parametrize(
@@ -335,7 +335,7 @@ def test_actor_plan_refuses_what_the_cluster_cannot_place(
 def test_actor_plan_places_what_fits(
     resources: dict[str, float], actors: Optional[int], device: Optional[str], plan: tuple
 ) -> None:
-    assert distributed._actor_plan(FakeRay(resources), actors, device) == plan
+    assert distributed_ray.actor_plan(FakeRay(resources), actors, device) == plan
 
 
 def test_gpu_actors_on_a_cpu_only_cluster_fail_fast(
@@ -395,7 +395,7 @@ def test_nothing_left_to_do_loads_no_model(
     def no_loading(*args: object) -> None:
         raise AssertionError("a model was loaded for a finished job")
 
-    monkeypatch.setattr(distributed, "_load_model", no_loading)
+    monkeypatch.setattr(distributed, "load_model", no_loading)
     again = distributed.embed_dataset([str(images)], str(out), model=vit_file, shard_size=100)
     assert again.written == [] and again.skipped == ["images-00000", "images-00001", "images-00002"]
 
