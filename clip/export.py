@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from clip.atomic import fsync_dir
+from clip.atomic import publish
 from clip.model import CLIP
 
 __all__ = ["OnnxFiles", "export_onnx"]
@@ -154,10 +154,7 @@ def _export(
                 verbose=False,
             )
         for path in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):
-            with open(path, "rb") as f:  # on disk before it takes its name (clip.atomic's rule)
-                os.fsync(f.fileno())
-            os.replace(path, directory / path.name)  # the .onnx last, after its data
-        fsync_dir(directory)
+            publish(path, directory / path.name)  # the .onnx last, after its data
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / f"{name}.onnx"
