@@ -99,3 +99,17 @@ def vit_model(vit_file: str) -> torch.nn.Module:
 
     model, _ = clip.load(vit_file, device="cpu")
     return model
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What ``os.fsync`` is called on during the test, in order (paths, via /proc/self/fd)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
