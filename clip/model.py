@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Optional, Union
 
 import torch
@@ -38,7 +37,8 @@ from clip.layers import (
     layer_indices,
 )
 from clip.vision import AttentionPool2d, Bottleneck, ModifiedResNet, VisionTransformer
-from clip.weights import ARCHIVE_EXTRA_KEYS, CLIPConfig, convert_weights, load_weights
+from clip.config import CLIPConfig
+from clip.weights import ARCHIVE_EXTRA_KEYS, convert_weights, load_weights
 
 __all__ = [
     "ARCHIVE_EXTRA_KEYS",
@@ -88,7 +88,33 @@ class CLIP(nn.Module):
         transformer_width: text transformer width.
         transformer_heads: text transformer heads.
         transformer_layers: text transformer depth.
+        activation: MLP activation of both towers, ``"quick_gelu"`` (OpenAI) or ``"gelu"``.
+        vision_head_width: width of one image-tower attention head (64 in OpenAI's models).
+        vision_mlp_ratio: ViT MLP hidden width over its width (4 in OpenAI's models).
+        text_mlp_ratio: text MLP hidden width over its width (4).
+
+    Build from a :class:`CLIPConfig` with :meth:`from_config`; :attr:`config` gives it back.
     """
+
+    @classmethod
+    def from_config(cls, config: CLIPConfig) -> CLIP:
+        """A randomly initialised model of the given configuration (build it under
+        ``torch.device("meta")`` to skip the initialisation's memory and time).
+
+        Args:
+            config: the hyperparameters, including how images are preprocessed.
+
+        Returns:
+            The model; ``model.config == config``.
+        """
+        model = cls(**config.model_kwargs())
+        model._config = config
+        return model
+
+    @property
+    def config(self) -> CLIPConfig:
+        """The model's hyperparameters and preprocessing, at its current input resolution."""
+        return self._config.replace(image_resolution=self.visual.input_resolution)
 
     def __init__(
         self,
@@ -102,25 +128,56 @@ class CLIP(nn.Module):
         transformer_width: int,
         transformer_heads: int,
         transformer_layers: int,
+        *,
+        activation: str = "quick_gelu",
+        vision_head_width: int = 64,
+        vision_mlp_ratio: float = 4.0,
+        text_mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
+        config = CLIPConfig(
+            embed_dim,
+            image_resolution,
+            vision_layers,
+            vision_width,
+            vision_patch_size,
+            context_length,
+            vocab_size,
+            transformer_width,
+            transformer_heads,
+            transformer_layers,
+            activation=activation,
+            vision_head_width=vision_head_width,
+            vision_mlp_ratio=vision_mlp_ratio,
+            text_mlp_ratio=text_mlp_ratio,
+        )
+        self._config = config
         self.context_length = context_length
         self.visual: Union[ModifiedResNet, VisionTransformer]
         if isinstance(vision_layers, (tuple, list)):
-            heads = vision_width * 32 // 64
             self.visual = ModifiedResNet(
-                vision_layers, embed_dim, heads, image_resolution, vision_width
+                vision_layers, embed_dim, config.vision_heads, image_resolution, vision_width
             )
         else:
-            if vision_patch_size is None:
-                raise ValueError("a ViT image tower needs vision_patch_size")
-            heads = vision_width // 64
+            assert vision_patch_size is not None  # checked by CLIPConfig
             self.visual = VisionTransformer(
-                image_resolution, vision_patch_size, vision_width, vision_layers, heads, embed_dim
+                image_resolution,
+                vision_patch_size,
+                vision_width,
+                vision_layers,
+                config.vision_heads,
+                embed_dim,
+                mlp_ratio=vision_mlp_ratio,
+                activation=activation,
             )
         mask = self.build_attention_mask()
         self.transformer = Transformer(
-            transformer_width, transformer_layers, transformer_heads, mask
+            transformer_width,
+            transformer_layers,
+            transformer_heads,
+            mask,
+            mlp_ratio=text_mlp_ratio,
+            activation=activation,
         )
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
@@ -447,7 +504,9 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
+def build_from_state_dict(
+    state_dict: Mapping[str, Tensor], config: Optional[CLIPConfig] = None
+) -> CLIP:
     """Build a :class:`CLIP` holding exactly the given tensors (dtypes kept), in eval mode.
 
     The model is constructed on the meta device and the weights assigned, so no random
@@ -456,14 +515,20 @@ def build_from_state_dict(state_dict: Mapping[str, Tensor]) -> CLIP:
 
     Args:
         state_dict: OpenAI-format weights (TorchScript archive extras are ignored).
+        config: the hyperparameters, if known (from the weights' config); by default read from
+            the shapes, with OpenAI's values for what shapes cannot tell.
 
     Returns:
         The model, on the device of the given tensors (its attention masks too).
+
+    Raises:
+        ValueError: if the weights do not fit the configuration.
     """
-    config = CLIPConfig.from_state_dict(state_dict)
+    if config is None:
+        config = CLIPConfig.from_state_dict(state_dict)
     try:
         with torch.device("meta"):
-            model = CLIP(**asdict(config))
+            model = CLIP.from_config(config)
     except (AssertionError, ValueError, RuntimeError) as e:
         raise ValueError(f"state dict shapes give an impossible CLIP ({config}): {e}") from e
     load_weights(model, state_dict, assign=True)

@@ -35,6 +35,8 @@ class VisionTransformer(nn.Module):
         layers: transformer depth.
         heads: attention heads.
         output_dim: E, the joint embedding size.
+        mlp_ratio: MLP hidden width over D (4 in OpenAI's models).
+        activation: the MLP activation (see :data:`clip.layers.ACTIVATIONS`).
     """
 
     def __init__(
@@ -45,6 +47,9 @@ class VisionTransformer(nn.Module):
         layers: int,
         heads: int,
         output_dim: int,
+        *,
+        mlp_ratio: float = 4.0,
+        activation: str = "quick_gelu",
     ) -> None:
         super().__init__()
         self.input_resolution = input_resolution
@@ -55,7 +60,9 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio=mlp_ratio, activation=activation
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 

@@ -1,112 +1,18 @@
-"""Reading a CLIP's hyperparameters from checkpoint shapes, loading weights strictly, and
-OpenAI's mixed fp16 precision."""
+"""Loading weights strictly, and OpenAI's mixed fp16 precision. (:class:`CLIPConfig`, which
+reads hyperparameters from checkpoint shapes, lives in :mod:`clip.config` and is importable here
+too.)"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Optional, Union
-
 from torch import Tensor, nn
+
+from clip.config import CLIPConfig
 
 __all__ = ["ARCHIVE_EXTRA_KEYS", "CLIPConfig", "convert_weights", "load_weights"]
 
 # Keys that OpenAI's TorchScript archives carry beside the weights.
 ARCHIVE_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration from checkpoint shapes, and building
-# --------------------------------------------------------------------------------------------
-
-
-def _count_prefixes(keys: list[str], prefix: str, depth: int) -> int:
-    """Distinct values of the dotted component at ``depth`` among keys starting with ``prefix``."""
-    return len({k.split(".")[depth] for k in keys if k.startswith(prefix)})
-
-
-@dataclass(frozen=True)
-class CLIPConfig:
-    """Hyperparameters of a CLIP model, in the order of :class:`CLIP`'s constructor."""
-
-    embed_dim: int
-    image_resolution: int
-    vision_layers: Union[int, tuple[int, int, int, int]]
-    vision_width: int
-    vision_patch_size: Optional[int]
-    context_length: int
-    vocab_size: int
-    transformer_width: int
-    transformer_heads: int
-    transformer_layers: int
-
-    @property
-    def is_vit(self) -> bool:
-        """Whether the image tower is a ViT (else a ModifiedResNet)."""
-        return isinstance(self.vision_layers, int)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> CLIPConfig:
-        """Read every hyperparameter from the shapes of an OpenAI-format state dict.
-
-        Args:
-            state_dict: OpenAI-format weights (tensors may be on the meta device).
-
-        Returns:
-            The configuration.
-
-        Raises:
-            ValueError: if a key the format requires is missing.
-        """
-        required = ["text_projection", "positional_embedding", "token_embedding.weight"]
-        required += ["ln_final.weight", "visual.conv1.weight"]
-        missing = [k for k in required if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"not a CLIP state dict in OpenAI's format: missing {missing} "
-                f"(found {len(state_dict)} keys, e.g. {list(state_dict)[:3]})"
-            )
-        keys = list(state_dict)
-        vision = (
-            _vit_config(state_dict)
-            if "visual.proj" in state_dict
-            else _resnet_config(keys, state_dict)
-        )
-        width = state_dict["ln_final.weight"].shape[0]
-        return cls(
-            embed_dim=state_dict["text_projection"].shape[1],
-            **vision,
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            transformer_width=width,
-            transformer_heads=width // 64,
-            transformer_layers=_count_prefixes(keys, "transformer.resblocks.", 2),
-        )
-
-
-def _vit_config(sd: Mapping[str, Tensor]) -> dict:
-    conv = sd["visual.conv1.weight"]  # [D, 3, P, P]
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    layers = _count_prefixes(list(sd), "visual.transformer.resblocks.", 3)
-    return {
-        "image_resolution": conv.shape[-1] * grid,
-        "vision_layers": layers,
-        "vision_width": conv.shape[0],
-        "vision_patch_size": conv.shape[-1],
-    }
-
-
-def _resnet_config(keys: list[str], sd: Mapping[str, Tensor]) -> dict:
-    if "visual.attnpool.positional_embedding" not in sd:
-        raise ValueError("not a CLIP state dict: neither visual.proj (ViT) nor visual.attnpool")
-    stages = tuple(_count_prefixes(keys, f"visual.layer{i}.", 2) for i in range(1, 5))
-    grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-    return {
-        "image_resolution": grid * 32,
-        "vision_layers": stages,
-        "vision_width": sd["visual.layer1.0.conv1.weight"].shape[0],
-        "vision_patch_size": None,
-    }
 
 
 def convert_weights(model: nn.Module) -> None:
