@@ -12,6 +12,7 @@ replaced or deleted while the model lives.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import pickle
 import re
@@ -19,14 +20,41 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from clip.atomic import open_atomic
+from clip.config import CLIPConfig
+from clip.folder import (
+    BIN_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    config_from_open_clip,
+    find_weights,
+    new_save_id,
+    open_clip_document,
+    read_config_file,
+    save_id_of,
+    write_config,
+)
+from clip.weights import ARCHIVE_EXTRA_KEYS
 
-__all__ = ["CheckpointError", "is_safetensors", "is_torchscript_archive", "read_checkpoint", "save"]
+__all__ = [
+    "CheckpointError",
+    "config_of",
+    "is_safetensors",
+    "is_torchscript_archive",
+    "read_checkpoint",
+    "read_folder",
+    "read_safetensors_metadata",
+    "save",
+    "saved_config",
+]
+
+# The safetensors metadata key under which :func:`save` stores the model's open_clip config.
+CONFIG_METADATA_KEY = "open_clip_config"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -219,21 +247,120 @@ def _read_safetensors(path: str) -> dict[str, Tensor]:
         ) from e
 
 
-def save(model_or_state_dict: Union[torch.nn.Module, Mapping[str, Tensor]], path: PathLike) -> None:
-    """Write CLIP weights to ``path`` as safetensors, atomically; ``clip.load(path)`` reads them.
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (empty for other files).
 
-    The file holds OpenAI's state-dict key names and the tensors' own dtypes (a model loaded on
-    CUDA keeps OpenAI's fp16 weights in fp16; one loaded on CPU is all fp32). No code is stored,
-    so loading it never unpickles anything. Needs the ``safetensors`` extra.
+    Args:
+        path: any file; only a safetensors header is read.
+
+    Returns:
+        The ``__metadata__`` mapping (``{"format": "pt", ...}``), or ``{}``.
+    """
+    if not is_safetensors(path):
+        return {}
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def saved_config(path: PathLike) -> Optional[dict[str, Any]]:
+    """The open_clip config document :func:`save` stored in a safetensors file, if any."""
+    text = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_folder(
+    folder: PathLike, config: Optional[CLIPConfig] = None
+) -> tuple[dict[str, Tensor], CLIPConfig]:
+    """The weights and configuration of a model folder in open_clip's hub layout.
+
+    Args:
+        folder: a directory with ``open_clip_config.json`` and ``open_clip_model.safetensors``
+            (or ``open_clip_pytorch_model.bin``).
+        config: use this instead of the folder's config file.
+
+    Returns:
+        ``(state_dict, config)``.
+
+    Raises:
+        FileNotFoundError: if the folder has no weights, or no config and none is given.
+        CheckpointError: if the config and the weights come from different saves.
+        clip.config.UnsupportedModelError: for another model family.
+        ValueError: if the config does not describe the weights.
+    """
+    folder = os.fspath(folder)
+    weights = find_weights(folder)
+    state_dict, _ = read_checkpoint(weights)
+    if config is not None:
+        return state_dict, config
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{folder!r} has weights but no {CONFIG_NAME}, which says what shapes cannot "
+            "(activation, head width, preprocessing); pass config= (a registry name such as "
+            "'ViT-B-32/laion2b_s34b_b79k', an open_clip config file or a CLIPConfig)"
+        )
+    doc = read_config_file(config_path)
+    stored = saved_config(weights)
+    if stored is not None and save_id_of(stored) != save_id_of(doc):
+        raise CheckpointError(
+            f"{folder!r}: {CONFIG_NAME} and {os.path.basename(weights)} were written by different "
+            "saves (a save interrupted between the two files?); save the model again"
+        )
+    return state_dict, config_from_open_clip(doc, state_dict)
+
+
+def config_of(model: torch.nn.Module) -> Optional[CLIPConfig]:
+    """The :class:`CLIPConfig` of a CLIP model, also wrapped (DataParallel/DDP, ``jit=True``)."""
+    inner = getattr(model, "module", model)
+    eager = inner.__dict__.get("_eager", inner)
+    config = getattr(eager, "config", None)
+    return config if isinstance(config, CLIPConfig) else None
+
+
+def save(
+    model_or_state_dict: Union[torch.nn.Module, Mapping[str, Tensor]],
+    path: PathLike,
+    *,
+    config: Optional[CLIPConfig] = None,
+) -> None:
+    """Save CLIP weights as safetensors, atomically: a model folder, or a single file.
+
+    A folder (``path`` is a directory, ends with a separator, or has no file extension) gets
+    open_clip's hub layout: ``open_clip_model.safetensors`` and ``open_clip_config.json``. It loads
+    with ``clip.load(folder)`` and open_clip's ``local-dir:`` and can be pushed to the hub as it
+    is. The weights are written first, then the config, each atomically, and both carry one save
+    id: a save killed in between leaves a folder that refuses to load instead of a wrong model.
+    A stale ``open_clip_pytorch_model.bin`` is removed.
+
+    A file path (``model.safetensors``) gets the weights alone, with the config in the file's
+    metadata, so ``clip.load(path)`` still knows the activation, head width and preprocessing.
+
+    Tensors keep OpenAI's key names and their own dtypes. No code is stored, so loading never
+    unpickles anything. Needs the ``safetensors`` extra.
 
     Args:
         model_or_state_dict: a :class:`clip.model.CLIP` (also wrapped in DataParallel/DDP, or the
             TorchScript module of ``clip.load(..., jit=True)``), or its state dict.
-        path: destination; written to a temporary file beside it and renamed into place.
+        path: destination folder or file.
+        config: the model's configuration; default ``model.config``, or for a bare state dict
+            what its shapes tell with OpenAI's defaults for the rest.
 
     Raises:
         ImportError: if safetensors is not installed.
         TypeError: if the argument holds no tensors to save.
+        ValueError: if ``config`` does not describe the weights.
     """
     obj = model_or_state_dict
     raw = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
@@ -243,16 +370,52 @@ def save(model_or_state_dict: Union[torch.nn.Module, Mapping[str, Tensor]], path
             f"got {type(obj).__name__}"
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in _strip_module_prefix(dict(raw)).items()}
-    _write_atomically(tensors, os.fspath(path))
+    tensors = {k: v for k, v in tensors.items() if k not in ARCHIVE_EXTRA_KEYS}
+    if config is None and isinstance(obj, torch.nn.Module):
+        config = config_of(obj)
+    if config is None:
+        config = CLIPConfig.from_state_dict(tensors)
+    else:
+        known = {f: getattr(config, f) for f in _KNOWN_FIELDS}
+        shaped = CLIPConfig.from_state_dict(tensors, **known)
+        if shaped != config:
+            raise ValueError(f"config does not describe these weights: {config} vs shapes {shaped}")
+    path = os.fspath(path)
+    if _is_folder_target(path):
+        _write_folder(tensors, config, path)
+    else:
+        doc = open_clip_document(config)
+        _write_atomically(tensors, path, {CONFIG_METADATA_KEY: json.dumps(doc)})
 
 
-def _write_atomically(tensors: dict[str, Tensor], path: str) -> None:
+# What a config says and shapes cannot tell.
+_KNOWN_FIELDS = ("transformer_heads", "activation", "vision_head_width", "preprocess")
+
+
+def _is_folder_target(path: str) -> bool:
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        return True
+    return os.path.splitext(os.path.basename(path))[1] == ""
+
+
+def _write_folder(tensors: dict[str, Tensor], config: CLIPConfig, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    doc = open_clip_document(config, save_id=new_save_id())
+    weights = os.path.join(folder, SAFETENSORS_NAME)
+    _write_atomically(tensors, weights, {CONFIG_METADATA_KEY: json.dumps(doc)})
+    write_config(folder, doc)
+    stale = os.path.join(folder, BIN_NAME)
+    if os.path.isfile(stale):
+        os.remove(stale)
+
+
+def _write_atomically(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
     """Serialise ``tensors`` as safetensors and replace ``path`` with them in one step.
 
     The serialised bytes are built in memory (one more copy of the weights while saving), since
     :func:`clip.atomic.open_atomic` hands out an open file, not a name for safetensors to open.
     """
     st = _safetensors_torch()
-    data = st.save(tensors, metadata={"format": "pt", "producer": "clip-torch"})
+    data = st.save(tensors, metadata={"format": "pt", "producer": "clip-torch", **metadata})
     with open_atomic(path) as f:
         f.write(data)

@@ -6,18 +6,19 @@ Also the compatibility surface of OpenAI's ``clip.clip`` module (``_MODELS``, ``
 
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
-from typing import Optional, Union
+from collections.abc import Mapping
+from typing import Any, Optional, Union
 
 import torch
 
-from clip.checkpoint import read_checkpoint
+from clip.config import CLIPConfig
 from clip.download import MODELS, available_models, download
 from clip.jit import trace
 from clip.model import CLIP, build_from_state_dict, convert_weights
 from clip.preprocess import Preprocess, transform
+from clip.sources import open_weights
 from clip.tokenizer import tokenize
 
 __all__ = ["available_models", "load", "tokenize"]
@@ -29,6 +30,9 @@ _transform = transform
 Device = Union[str, torch.device]
 
 
+ConfigArg = Union[CLIPConfig, Mapping[str, Any], str, "os.PathLike[str]"]
+
+
 def load(
     name: Union[str, os.PathLike[str]],
     device: Optional[Device] = None,
@@ -37,21 +41,35 @@ def load(
     *,
     dtype: Optional[torch.dtype] = None,
     resolution: Optional[int] = None,
+    config: Optional[ConfigArg] = None,
 ) -> tuple[Union[CLIP, torch.jit.ScriptModule], Preprocess]:
     """Load a CLIP model and its image preprocessing.
 
     Args:
-        name: a name from :func:`available_models` (downloaded and SHA256-verified into
-            ``download_root``), or the path of a checkpoint: an OpenAI TorchScript archive or a
-            state dict saved with ``torch.save``.
+        name: one of
+
+            - a name from :func:`available_models` (OpenAI's nine, e.g. ``"ViT-B/32"``),
+              downloaded and SHA256-verified into ``download_root``;
+            - a name from :func:`clip.available_weights`, e.g. ``"ViT-L-14/dfn2b"``: weights of
+              OpenAI's architecture trained by others, from the Hugging Face hub (needs the
+              ``hub`` extra), with the activation, head width and preprocessing they were
+              trained with;
+            - ``"hf-hub:ORG/REPO"`` (or ``"hf-hub:ORG/REPO@REVISION"``): a hub repository in
+              open_clip's layout;
+            - the path of a folder in open_clip's layout (``open_clip_config.json`` and
+              ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), as written by
+              :func:`clip.save`;
+            - the path of a checkpoint file: an OpenAI TorchScript archive, a state dict saved
+              with ``torch.save``, or a safetensors file.
         device: where to put the model; default ``"cuda"`` if available, else ``"cpu"``.
             On CUDA the weights OpenAI keeps in fp16 are fp16; elsewhere everything is fp32.
         jit: return a TorchScript module (:class:`clip.jit.TracedCLIP`, traced from our model
             on ``device`` in its dtype) instead of a :class:`clip.model.CLIP`. Moving or casting
             the whole module later (``.to()``, ``.cpu()``, ``.float()``...) re-traces it there.
-            A plain state dict with ``jit=True`` warns and loads eagerly.
-        download_root: cache directory for named models (default ``$CLIP_CACHE_DIR`` or
-            ``~/.cache/clip``).
+            A bare state-dict file with ``jit=True`` warns and loads eagerly, as OpenAI's
+            package does.
+        download_root: cache directory for downloads (default ``$CLIP_CACHE_DIR`` or
+            ``~/.cache/clip`` for OpenAI's files, the Hugging Face cache for the hub).
         dtype: ``None`` for the default above; ``torch.float32`` for fp32 everywhere;
             ``torch.float16`` or ``torch.bfloat16`` for OpenAI's mixed layout in that dtype
             (convolutions, linear layers and projections in it; LayerNorm, BatchNorm and
@@ -59,34 +77,41 @@ def load(
         resolution: input side in pixels, if not the checkpoint's: the vision positional
             embedding is resized (see :meth:`clip.model.CLIP.resize_input`) and the returned
             preprocess produces images of this size.
+        config: what the weights' shapes cannot tell, for weights without their config (or to
+            replace it): a :class:`clip.config.CLIPConfig`, an open_clip config (a dict, or the
+            path of an ``open_clip_config.json``), or a name from :func:`clip.available_weights`.
+            Default: the folder's or file's own config, else OpenAI's values (QuickGELU, heads
+            of 64, OpenAI's preprocessing).
 
     Returns:
         ``(model, preprocess)``: the model in eval mode, and a transform mapping a PIL image to
-        the model's input tensor [3, R, R].
+        the model's input tensor [3, R, R], as the weights were trained with.
 
     Raises:
-        RuntimeError: if ``name`` is neither a known model nor an existing file, or ``device``
-            is not available on this machine.
-        ValueError: if ``dtype`` is not one of the above, or ``resolution`` not a multiple of
-            the patch size (ViT) or of 32 (ResNet).
+        RuntimeError: if ``name`` is neither a known model nor an existing file or folder, or
+            ``device`` is not available on this machine.
+        ValueError: if ``dtype`` is not one of the above, ``resolution`` not a multiple of the
+            patch size (ViT) or of 32 (ResNet), or ``config`` does not describe the weights.
+        clip.config.UnsupportedModelError: for weights of another model family (SigLIP,
+            ConvNeXt, EVA, CoCa...), which open_clip loads.
     """
     device = _usable_device(device)
     _check_dtype(dtype)
-    state_dict, is_archive = read_checkpoint(_resolve(name, download_root))
-    if jit and not is_archive:
+    source = open_weights(name, download_root, config)
+    if jit and not (source.is_archive or source.traceable):
         warnings.warn(
             f"{name!r} is a state dict, not a TorchScript archive; loading it with jit=False",
             stacklevel=2,
         )
         jit = False
-    model = build_from_state_dict(state_dict)
+    model = build_from_state_dict(source.state_dict, source.config)
     # Drop our reference to the file's tensors: the model then holds the only one, and the upcast
     # in settle_dtype frees each fp16 original as soon as its fp32 copy exists (peak ≈ 1 copy).
-    del state_dict
+    del source
     model = settle_dtype(model, device, dtype).to(device)
     if resolution is not None:
         model.resize_input(resolution)
-    preprocess = transform(model.visual.input_resolution)
+    preprocess = transform(model.visual.input_resolution, model.config.preprocess)
     return (trace(model) if jit else model), preprocess
 
 
@@ -110,26 +135,6 @@ def _usable_device(device: Optional[Device]) -> torch.device:
             f"{torch.cuda.device_count()} CUDA device(s) exist"
         )
     return device
-
-
-def _resolve(
-    name: Union[str, os.PathLike[str]], download_root: Optional[Union[str, os.PathLike[str]]]
-) -> str:
-    root = None if download_root is None else os.path.expanduser(os.fspath(download_root))
-    if isinstance(name, str) and name in MODELS:
-        return download(MODELS[name], root)
-    path = os.path.expanduser(os.fspath(name))
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        raise RuntimeError(f"{path!r} is a directory; pass a checkpoint file or a model name")
-    name = str(name)
-    close = difflib.get_close_matches(name, available_models(), n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise RuntimeError(
-        f"Model {name} not found; available models = {available_models()}, "
-        f"or pass the path of a checkpoint file.{hint}"
-    )
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -76,6 +76,15 @@ class CLIPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.vision_layers, list):
             object.__setattr__(self, "vision_layers", tuple(self.vision_layers))
+        # Canonical MLP ratios: two ratios that build the same hidden width are one config.
+        for name, width in (
+            ("vision_mlp_ratio", self.vision_width),
+            ("text_mlp_ratio", self.transformer_width),
+        ):
+            ratio = float(getattr(self, name))
+            if ratio <= 0 or mlp_width(width, ratio) <= 0:
+                raise ValueError(f"{name} must give a positive MLP width, got {ratio}")
+            object.__setattr__(self, name, ratio_for(width, mlp_width(width, ratio)))
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}"

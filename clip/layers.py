@@ -20,16 +20,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
-    "LayerNorm",
     "ACTIVATIONS",
+    "LayerNorm",
     "QuickGELU",
     "ResidualAttentionBlock",
     "Transformer",
+    "activation_layer",
     "any_hooked",
     "causal_mask",
     "global_hooks_active",
     "is_hooked",
-    "activation_layer",
     "layer_indices",
     "mlp_width",
 ]

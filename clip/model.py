@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from clip.checks import check_image, check_text
+from clip.config import CLIPConfig
 from clip.features import TextTokens, attention_heatmap
 from clip.layers import (
     LayerNorm,
@@ -37,7 +38,6 @@ from clip.layers import (
     layer_indices,
 )
 from clip.vision import AttentionPool2d, Bottleneck, ModifiedResNet, VisionTransformer
-from clip.config import CLIPConfig
 from clip.weights import ARCHIVE_EXTRA_KEYS, convert_weights, load_weights
 
 __all__ = [

@@ -18,10 +18,10 @@ from torchvision.transforms import (
 )
 
 __all__ = [
-    "MEAN",
-    "STD",
     "INTERPOLATIONS",
+    "MEAN",
     "RESIZE_MODES",
+    "STD",
     "ConvertToRGB",
     "Preprocess",
     "PreprocessConfig",

@@ -5,6 +5,7 @@ too.)"""
 from __future__ import annotations
 
 from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from clip.config import CLIPConfig
