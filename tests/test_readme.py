@@ -19,6 +19,8 @@ from PIL import Image
 
 import clip
 import clip.clip
+import clip.download
+import clip.sources
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 LANGUAGES = {"python", "bash", "sh", "text", "console"}
@@ -58,15 +60,14 @@ def registry_is_tiny(
     monkeypatch: pytest.MonkeyPatch, tiny_files: dict[str, dict[str, Path]]
 ) -> None:
     """Make every released model name load the tiny ViT archive instead of downloading."""
-    original = clip.clip._resolve
     archive = str(tiny_files["tiny-vit"]["archive"])
+    released = set(clip.download.MODELS.values())
+    original = clip.sources.download
 
-    def resolve(name: object, download_root: object) -> str:
-        if isinstance(name, str) and name in clip.available_models():
-            return archive
-        return original(name, download_root)  # type: ignore[arg-type]
+    def download(url: str, root: object = None) -> str:
+        return archive if url in released else original(url, root)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(clip.clip, "_resolve", resolve)
+    monkeypatch.setattr(clip.sources, "download", download)
 
 
 def write_named_images(source: str, directory: Path) -> None:
