@@ -8,6 +8,8 @@ preprocessing are those of open_clip's pretrained entry for the same model and t
 from __future__ import annotations
 
 import csv
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from checkpoints import PUBLISHED, meta_state_dict
 
 import clip
 from clip import registry
+from clip.cli import main
 from clip.config import CLIPConfig
 from clip.download import MODELS
 from clip.model import CLIP
@@ -243,3 +246,91 @@ def test_name_must_be_a_string() -> None:
 def test_entries_are_frozen() -> None:
     with pytest.raises(AttributeError):
         ENTRIES[0].top1 = 99.0  # type: ignore[misc]
+
+
+# ---- clip models ------------------------------------------------------------------------------
+
+
+def fake_hub_file(hub: Path, repo: str, filename: str, revision: str = "abc123") -> Path:
+    """A file in huggingface_hub's cache layout, as a download leaves it."""
+    folder = hub / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    path = folder / "snapshots" / revision / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    return path
+
+
+@pytest.fixture
+def caches(tmp_path: Path) -> tuple[Path, Path, dict[str, Path]]:
+    pytest.importorskip("huggingface_hub")
+    cache, hub = tmp_path / "clip", tmp_path / "hub"
+    cache.mkdir()
+    (cache / "ViT-B-32.pt").write_bytes(b"weights")
+    (cache / "RN50.pt.partial").write_bytes(b"half")  # an unfinished download is not cached
+    laion = registry.get("ViT-B-32/laion2b_s34b_b79k").hub_repo
+    dfn = registry.get("ViT-H-14-378/dfn5b").hub_repo
+    assert laion and dfn
+    found = {
+        "ViT-B-32/openai": cache / "ViT-B-32.pt",
+        "ViT-B-32/laion2b_s34b_b79k": fake_hub_file(hub, laion, "open_clip_model.safetensors"),
+        # only the .bin is there; the hub recorded that the .safetensors does not exist
+        "ViT-H-14-378/dfn5b": fake_hub_file(hub, dfn, "open_clip_pytorch_model.bin"),
+    }
+    no_exist = hub / ("models--" + dfn.replace("/", "--")) / ".no_exist" / "abc123"
+    no_exist.mkdir(parents=True)
+    (no_exist / "open_clip_model.safetensors").write_bytes(b"")
+    fake_hub_file(hub, "laion/not-in-the-registry", "open_clip_model.safetensors")
+    return cache, hub, found
+
+
+def test_clip_models_table(caches: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    cache, hub, found = caches
+    assert main(["models", "--cache-dir", str(cache), "--hub-cache-dir", str(hub)]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["name", "params", "res", "top-1", "cached"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines}
+    assert list(rows) == clip.available_weights()
+    assert rows["ViT-H-14-378/dfn5b"] == ["986.7M", "378", "84.4", "yes"]
+    assert rows["ViT-B-32/openai"] == ["151.3M", "224", "63.3", "yes"]
+    assert rows["ViT-bigG-14/metaclip_fullcc"] == ["2539.6M", "224", "-", "no"]
+    assert {name for name, row in rows.items() if row[-1] == "yes"} == set(found)
+    assert all(row[-1] == "no" for name, row in rows.items() if name not in found)
+
+
+def test_clip_models_json(caches: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    cache, hub, found = caches
+    argv = ["models", "--json", "--cache-dir", str(cache), "--hub-cache-dir", str(hub)]
+    assert main(argv) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(rows) == clip.available_weights()
+    assert {n: Path(r["path"]) for n, r in rows.items() if r["cached"]} == found
+    dfn = rows["ViT-H-14-378/dfn5b"]
+    assert (dfn["num_parameters"], dfn["resolution"], dfn["top1"]) == (986714881, 378, 84.37)
+    assert dfn["hub_repo"] == "apple/DFN5B-CLIP-ViT-H-14-378" and dfn["openai_name"] is None
+    assert rows["RN50/openai"]["cached"] is False and rows["RN50/openai"]["path"] is None
+
+
+def test_clip_models_default_hub_cache_is_huggingface_hubs(
+    caches: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from huggingface_hub import constants
+
+    cache, hub, found = caches
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("CLIP_CACHE_DIR", str(cache))
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()}
+    assert {name for name, cached in rows.items() if cached == "yes"} == set(found)
+
+
+def test_clip_models_without_huggingface_hub(
+    caches: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache, hub, _ = caches
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
+    assert main(["models", "--cache-dir", str(cache), "--hub-cache-dir", str(hub)]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()}
+    assert rows["ViT-B-32/openai"] == "yes" and rows["RN50/openai"] == "no"
+    assert rows["ViT-B-32/laion2b_s34b_b79k"] == "-" and rows["ViT-L-14/dfn2b"] == "-"
