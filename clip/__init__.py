@@ -13,11 +13,13 @@ from clip.clip import available_models, load, tokenize
 from clip.export import export_onnx
 from clip.model import attention_heatmap
 from clip.optimize import optimize
+from clip.registry import available_weights
 from clip.zeroshot import zero_shot_classifier
 
 __all__ = [
     "attention_heatmap",
     "available_models",
+    "available_weights",
     "export_onnx",
     "imagenet_classes",
     "imagenet_templates",
