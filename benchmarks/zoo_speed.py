@@ -40,8 +40,9 @@ def probe(impl: str, folder: str) -> None:
     import torch
 
     torch.set_num_threads(2)
-    import clip
     import open_clip
+
+    import clip
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,6 +125,7 @@ def main() -> None:
             {"clip": lambda: run(ours), "open_clip": lambda: run(theirs)}, reps=args.reps
         )
     load = {k: statistics.median(v) for k, v in loads.items()}
+    rate = {k: args.batch / v for k, v in seconds.items()}
     lines = [
         SECTION,
         "",
@@ -136,12 +138,12 @@ def main() -> None:
         "`clip.save(model, folder)`; both load that folder; features agree within "
         f"{rel:.1e} relative",
         "",
-        "| | clip | open_clip | open_clip ÷ clip |",
+        "| | clip | open_clip | clip advantage |",
         "|---|---|---|---|",
         f"| load, fresh process (s) | {load['clip']:.2f} | {load['open_clip']:.2f} | "
         f"{load['open_clip'] / load['clip']:.2f}× |",
-        f"| encode_image, batch {args.batch} (images/s) | {args.batch / seconds['clip']:.1f} | "
-        f"{args.batch / seconds['open_clip']:.1f} | {seconds['open_clip'] / seconds['clip']:.2f}× |",
+        f"| encode_image, batch {args.batch} (images/s) | {rate['clip']:.1f} | "
+        f"{rate['open_clip']:.1f} | {rate['clip'] / rate['open_clip']:.2f}× |",
         "",
     ]
     text = "\n".join(lines)
