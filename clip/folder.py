@@ -294,8 +294,8 @@ def _stated_fields(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, An
 def _preprocess_from(cfg: Mapping[str, Any]) -> PreprocessConfig:
     defaults = PreprocessConfig()
     return PreprocessConfig(
-        mean=tuple(cfg.get("mean", defaults.mean)),  # type: ignore[arg-type]
-        std=tuple(cfg.get("std", defaults.std)),  # type: ignore[arg-type]
+        mean=tuple(cfg.get("mean", defaults.mean)),
+        std=tuple(cfg.get("std", defaults.std)),
         interpolation=cfg.get("interpolation", defaults.interpolation),
         resize_mode=cfg.get("resize_mode", defaults.resize_mode),
     )
