@@ -313,7 +313,8 @@ def read_folder(
         )
     doc = read_config_file(config_path)
     stored = saved_config(weights)
-    if stored is not None and save_id_of(stored) != save_id_of(doc):
+    # Only a config written by clip.save carries a save id; one written otherwise is trusted.
+    if stored is not None and save_id_of(doc) is not None and save_id_of(stored) != save_id_of(doc):
         raise CheckpointError(
             f"{folder!r}: {CONFIG_NAME} and {os.path.basename(weights)} were written by different "
             "saves (a save interrupted between the two files?); save the model again"
