@@ -11,6 +11,7 @@ from clip import zeroshot as _zeroshot
 from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
 from clip.export import export_onnx
+from clip.loss import contrastive_loss
 from clip.model import attention_heatmap
 from clip.optimize import optimize
 from clip.registry import available_weights
@@ -20,6 +21,7 @@ __all__ = [
     "attention_heatmap",
     "available_models",
     "available_weights",
+    "contrastive_loss",
     "export_onnx",
     "imagenet_classes",
     "imagenet_templates",
