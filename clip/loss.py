@@ -83,7 +83,8 @@ def contrastive_loss(
     Raises:
         ValueError: on features that are not [B, E] of equal shapes, on one device, not
             normalised; a logit scale that is not a scalar; an empty (global) batch, or an
-            embedding size that differs between ranks.
+            embedding size that differs between ranks; ``gather=True`` with no process group.
+            Distributed, a problem on one rank raises on every rank.
         TypeError: on features that are not floating point tensors.
     """
     _check_types(image_features, text_features, logit_scale)

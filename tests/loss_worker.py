@@ -82,7 +82,10 @@ def main() -> None:
     rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
         timeout=timedelta(seconds=60),
     )
     results: dict[str, Any] = {name: run_case(sizes, rank) for name, sizes in CASES.items()}

@@ -133,9 +133,18 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "loss_worker.py"), str(r), "2", str(tmp / "init"),
-             str(tmp / f"rank{r}.pt")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(HERE / "loss_worker.py"),
+                str(r),
+                "2",
+                str(tmp / "init"),
+                str(tmp / f"rank{r}.pt"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for r in range(2)
     ]
