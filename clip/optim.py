@@ -4,7 +4,8 @@
 Defaults, and where they come from:
 
 - :data:`BETAS` (0.9, 0.98) and :data:`EPS` 1e-6: AdamW as in the CLIP paper (Radford et al.
-  2021, appendix F; β2 = 0.98 and ε = 1e-6 for stability at large batch).
+  2021, its table of training hyperparameters; β2 = 0.98 and ε = 1e-6 for stability at large
+  batch).
 - :data:`DEFAULT_WEIGHT_DECAY` 0.1: the CLIP paper's ViT value, kept by WiSE-FT (Wortsman et al.
   2022), FLYP (Goyal et al. 2023) and open_clip's fine-tuning recipes.
 - :data:`DEFAULT_LR` 1e-5: full fine-tuning of a pre-trained ViT-B needs a learning rate two
