@@ -105,7 +105,9 @@ def test_parquet_with_custom_columns(table_dir: tuple[Path, list[Path]]) -> None
         read_pairs(folder / "pairs.PARQUET")
 
 
-def test_missing_columns_are_named_with_the_columns_found(table_dir: tuple[Path, list[Path]]) -> None:
+def test_missing_columns_are_named_with_the_columns_found(
+    table_dir: tuple[Path, list[Path]],
+) -> None:
     folder, _ = table_dir
     with pytest.raises(ValueError, match=r"no column 'caption'.*'filepath', 'title', 'extra'"):
         read_pairs(folder / "pairs.csv", caption_column="caption")
@@ -142,7 +144,7 @@ def test_bad_tables_are_refused(tmp_path: Path) -> None:
         read_pairs(tmp_path / "notes.txt")
     with tarfile.open(tmp_path / "shard.tar.gz", "w:gz") as tar:
         add_member(tar, "0.txt", b"x")
-    with pytest.raises(ValueError, match="compressed.*gunzip"):
+    with pytest.raises(ValueError, match=r"compressed.*gunzip"):
         read_pairs(tmp_path / "shard.tar.gz")
 
 
@@ -155,7 +157,7 @@ def shards(tmp_path: Path) -> Path:
         add_member(tar, "s/000.JPG", png_bytes(0))  # any case; the decoder reads the bytes
         add_member(tar, "s/000.TXT", b"first caption\n")
         add_member(tar, "s/000.json", b"{}")  # other parts of a sample are not read
-        add_member(tar, "s/001.txt", "caption without an image".encode())
+        add_member(tar, "s/001.txt", b"caption without an image")
         add_member(tar, "s/002.webp", png_bytes(2))
         add_member(tar, "s/003.png", png_bytes(3))
         add_member(tar, "s/003.txt", "third, ünïcode".encode())
@@ -189,8 +191,18 @@ def test_tar_shards_pair_image_and_caption_per_key_and_count_incomplete_samples(
 
 def test_a_folder_without_shards_is_refused(tmp_path: Path) -> None:
     write_images(tmp_path / "imgs", 1)
-    with pytest.raises(FileNotFoundError, match="holds no .tar shards"):
+    with pytest.raises(FileNotFoundError, match=r"holds no \.tar shards"):
         read_pairs(tmp_path / "imgs")
+    with pytest.raises(FileNotFoundError, match=r"holds no \.tar shards"):
+        read_pairs(str(tmp_path / "imgs" / "*"))
+
+
+def test_a_glob_reads_the_tables_it_matches(table_dir: tuple[Path, list[Path]]) -> None:
+    folder, _ = table_dir
+    write_csv(folder / "more.csv", [["filepath", "title"], ["imgs/img0.jpg", "again"]])
+    pairs = read_pairs(str(folder / "*.csv"))  # more.csv, then pairs.csv
+    assert pairs.captions == ["again", *CAPTIONS]
+    assert pairs.image_of == [0, 0, 1, 2, 3]
 
 
 def test_dataset_yields_pixels_caption_index_in_order(table_dir: tuple[Path, list[Path]]) -> None:
@@ -237,7 +249,7 @@ def test_a_dataset_of_unreadable_images_raises(tmp_path: Path) -> None:
     dataset = PairsDataset(tmp_path / "p.csv", transform_uint8(RES))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="none of the 2 images.*gone"):
+        with pytest.raises(RuntimeError, match=r"none of the 2 images.*gone"):
             dataset[0]
 
 

@@ -8,13 +8,15 @@ retrieval``):
   path in column ``filepath`` and the caption in ``title`` by default (open_clip's CSV loader's
   names), other columns by name. Relative image paths are read from the table's folder; URLs are
   fetched. An image named on several rows is one image with several captions;
-* webdataset ``.tar`` shards: a file, several, a folder (its ``.tar`` files, recursively) or a
-  glob. A sample is the members sharing a key (``dir/000123.jpg`` + ``dir/000123.txt``); it needs
-  an image (any extension of :data:`clip.data.discover.IMAGE_EXTENSIONS`, any case) and a
-  ``.txt`` caption. Samples missing one of them are skipped, counted in :attr:`Pairs.skipped`
-  and warned about. Shards are indexed once (member offsets), and each image is then read by
-  seeking, so a :class:`PairsDataset` has random access and a length. Compressed tars
-  (``.tar.gz``) cannot be seeked into and are refused.
+* webdataset ``.tar`` shards: a file, several, a folder (its ``.tar`` files, recursively: the
+  ``.parquet``/``.json`` metadata img2dataset writes beside them is not read) or a glob (the
+  tars and tables it matches). A sample is the members sharing a key (``dir/000123.jpg`` and
+  ``dir/000123.txt``); it needs an image (any extension of
+  :data:`clip.data.discover.IMAGE_EXTENSIONS`, any case) and a ``.txt`` caption. Samples
+  missing one of them are skipped, counted in :attr:`Pairs.skipped` and warned about. Shards
+  are indexed once (member offsets), and each image is then read by seeking, so a
+  :class:`PairsDataset` has random access and a length. Compressed tars (``.tar.gz``) cannot
+  be seeked into and are refused.
 
 Images are decoded by :func:`clip.data.decode.decode`, the data path's one decoder, so a bad image
 is a failure with a reason, never an exception. What a failure does depends on the reader:
@@ -22,8 +24,9 @@ is a failure with a reason, never an exception. What a failure does depends on t
 * :class:`PairsDataset` (training) always returns a pair, so that every batch has the same size
   (a distributed contrastive loss gathers equal batches from every rank): a pair whose image
   cannot be decoded is replaced by the next pair (in index order, wrapping) whose image can, with
-  a warning giving the reason; the index returned is the replacement's. The choice depends only
-  on the data, so it is the same in every epoch and after a resume;
+  a warning giving the reason; the index returned is the replacement's (if the replacement is in
+  the same batch too, the batch holds that pair twice: compare indices to find it). The choice
+  depends only on the data, so it is the same in every epoch and after a resume;
 * :class:`ImageRefs` (evaluation) decodes each image once and reports ``(index, None, reason)``,
   so that an evaluation drops the image and its captions and says so.
 """
@@ -185,20 +188,20 @@ def _inputs(source: Union[PathLike, Iterable[PathLike]]) -> list[str]:
             _check_kind(given)
             found.append(fs.normalize(given))
             continue
-        if fs.isdir(given):
-            matches = list(fs.walk_files(given))
-        elif _glob_syntax.has_magic(given):
-            matches = fs.glob(given)
+        tars = (".tar", *_COMPRESSED_TARS)
+        if fs.isdir(given):  # a folder of shards (its tables may be metadata: not read)
+            matches = [m for m in fs.walk_files(given) if m.lower().endswith(tars)]
+        elif _glob_syntax.has_magic(given):  # what the pattern names: shards or tables
+            matches = [m for m in fs.glob(given) if m.lower().endswith((*tars, *TABLE_EXTENSIONS))]
         else:
             raise FileNotFoundError(f"no such file or directory: {given!r}")
-        tars = [fs.normalize(m) for m in matches if m.lower().endswith((".tar", *_COMPRESSED_TARS))]
-        if not tars:
+        if not matches:
             raise FileNotFoundError(
                 f"{given!r} holds no .tar shards; give a .csv/.tsv/.parquet table or .tar files"
             )
-        for tar in tars:
-            _check_kind(tar)
-        found.extend(tars)
+        for match in matches:
+            _check_kind(match)
+        found.extend(fs.normalize(m) for m in matches)
     return found
 
 
