@@ -1,8 +1,9 @@
-"""Command line: ``clip embed``, ``clip classify`` and ``clip models``.
+"""Command line: ``clip embed``, ``clip classify``, ``clip models`` and ``clip evaluate``.
 
 A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry; ``embed`` and
 ``classify`` live in :mod:`clip.cli_embed` and :mod:`clip.cli_classify`, ``models`` in
-:mod:`clip.cli_models`. This is the only module that prints. Exit codes:
+:mod:`clip.cli_models`, ``evaluate`` in :mod:`clip.cli_evaluate`. This is the only module that
+prints. Exit codes:
 
 * 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
   the output holds at least one row;
@@ -30,6 +31,7 @@ from clip.cli_common import (
     UsageError,
 )
 from clip.cli_embed import add_embed_parser, run_embed
+from clip.cli_evaluate import add_evaluate_parser, run_evaluate
 from clip.cli_models import add_models_parser, run_models
 
 __all__ = [
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     add_embed_parser(sub)
     add_classify_parser(sub)
     add_models_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -82,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_models(args, out)
         if args.command == "embed":
             return run_embed(args, err)
+        if args.command == "evaluate":
+            return run_evaluate(args, out, err)
         return run_classify(args, out, err)
     except UsageError as e:
         err(f"clip {args.command}: error: {e}")
