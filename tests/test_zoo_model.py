@@ -70,7 +70,8 @@ def test_onnx_export_of_a_gelu_model_matches_onnxruntime(
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {input_name: array.numpy()})[0])
 
-    got_image, got_text = run(files.visual, "image", images), run(files.textual, "text", text.long())
+    got_image = run(files.visual, "image", images)
+    got_text = run(files.textual, "text", text.long())
     with torch.no_grad():
         want_image, want_text = model.encode_image(images), model.encode_text(text)
         quick_text = as_quick_gelu(model).encode_text(text)
@@ -103,7 +104,7 @@ def test_load_at_another_resolution_keeps_the_folders_preprocessing(
     assert model.config == config.replace(image_resolution=side)
     assert repr(preprocess) == repr(transform(side, config.preprocess))
     assert f"size=({side}, {side}), interpolation=bilinear" in repr(preprocess)
-    images, text = inputs(model)
+    images, _ = inputs(model)
     clip.save(model, tmp_path / "resized")
     again, again_preprocess = clip.load(tmp_path / "resized", device="cpu")
     assert again.config == model.config
