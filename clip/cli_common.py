@@ -46,7 +46,9 @@ class UsageError(Exception):
 
 def add_common_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Add the options every sub-command takes, with ``batch_size`` as the default."""
-    p.add_argument("--model", default="ViT-B/32", help="model name or checkpoint file (ViT-B/32)")
+    p.add_argument(
+        "--model", default="ViT-B/32", help="model name, checkpoint file or model folder (ViT-B/32)"
+    )
     p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: cuda if any)")
     p.add_argument(
         "--batch-size",

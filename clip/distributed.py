@@ -36,6 +36,8 @@ from clip.data.resume import model_digest, pending, precision_of, retry_shard, w
 from clip.distributed_job import ModelSpec, Transform, load_model, make_job
 from clip.distributed_ranks import run_ranks
 from clip.distributed_ray import RayOptions, run_ray
+from clip.download import MODELS
+from clip.registry import is_registered
 
 __all__ = ["JobSummary", "embed_dataset"]
 
@@ -105,8 +107,10 @@ def embed_dataset(
             path/URL column, webdataset-style ``.tar`` files (see :mod:`clip.data.plan`); a
             single ``str`` or ``Path`` is one input.
         out_dir: output folder, on a file system this process can write.
-        model: a name from :func:`clip.available_models`, a checkpoint file, or a picklable
-            zero-argument callable returning a model (called once per actor or rank).
+        model: anything :func:`clip.load` takes (a name from :func:`clip.available_models`, a
+            checkpoint file, a model folder...), or a picklable zero-argument callable returning
+            a model (called once per actor or rank). Images are preprocessed as the model's
+            config says (mean, std, resize mode).
         ray: False for ranks (see the module docstring); True to run on Ray (connecting to
             ``RAY_ADDRESS`` or the running cluster, else starting a local one); or a cluster
             address such as ``"ray://head:10001"``.
@@ -118,7 +122,7 @@ def embed_dataset(
             (Ray jobs too). Recorded; a rerun in another precision is refused. Not for a
             callable ``model`` (its own dtype is recorded).
         column: the Parquet column of paths or URLs (default ``path``, else ``url``).
-        preprocess: PIL image → tensor; default the model's standard transform.
+        preprocess: PIL image → tensor; default the model's own preprocessing.
         fast_decode: decode large JPEGs reduced (faster; not bit-exact, see
             :func:`clip.pipeline.embed_images`).
         actors: Ray only: model replicas (default: one per GPU, or one on a CPU-only cluster).
@@ -150,13 +154,14 @@ def embed_dataset(
     """
     start = time.perf_counter()
     _refuse_unused(ray, actors, workers, device, rank, world_size, verbose)
+    spec = _absolute(model)  # Ray workers may run in another directory
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     dtype = _dtype(dtype, _DTYPES, "dtype")
     inputs, out_dir = as_list(inputs), os.fspath(out_dir)
     rank, world_size = (0, 1) if ray is not False else _rank_and_world(rank, world_size)
     local_device = device or default_device()  # ranks only; Ray actors choose by `device`
-    digest, compute, loaded = _identity(model, precision, ray, local_device, download_root)
+    digest, compute, loaded = _identity(spec, precision, ray, local_device, download_root)
     meta = {
         "model": _model_name(model),
         "model_digest": digest,
@@ -175,13 +180,13 @@ def embed_dataset(
         retry = [retry_shard(by_name[n], stats) for n, stats in done.items() if stats["failed"]]
         todo += [s for s in retry if s is not None]
         summary.retried = [s.name for s in retry if s is not None]
-    settings = (out_dir, model, download_root, meta, dtype, preprocess, batch_size, fast_decode)
+    settings = (out_dir, spec, download_root, meta, dtype, preprocess, batch_size, fast_decode)
     if todo and ray is not False:
-        local = loaded or load_model(model, "cpu", download_root, torch.float32)  # R and D
+        local = loaded or load_model(spec, "cpu", download_root, torch.float32)  # R and D
         job = make_job(*settings, local, compute)
         run_ray(job, todo, ray, RayOptions(actors, device, progress, verbose), summary)
     elif todo:
-        local = loaded or load_model(model, local_device, download_root, compute)
+        local = loaded or load_model(spec, local_device, download_root, compute)
         job = make_job(*settings, local, compute)
         workers = 2 if workers is None else workers
         run_ranks(job, todo, local, local_device, workers, summary, progress)
@@ -216,6 +221,15 @@ def _identity(
         loaded = load_model(spec, device if ray is False else "cpu", download_root, compute)
         return weights_digest(loaded), compute, loaded
     return digest, compute, None
+
+
+def _absolute(spec: ModelSpec) -> ModelSpec:
+    """A relative path to a local checkpoint file or model folder made absolute; other specs
+    (names, ``hf-hub:`` repositories, callables) as they are."""
+    if callable(spec) or (isinstance(spec, str) and (spec in MODELS or is_registered(spec))):
+        return spec
+    path = os.path.expanduser(os.fspath(spec))
+    return os.path.abspath(path) if os.path.exists(path) else spec
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:

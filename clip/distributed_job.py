@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from clip import shards
-from clip.data.embed import embedding_width, input_resolution
-from clip.preprocess import transform_uint8
+from clip.data.embed import embedding_width, input_resolution, uint8_transform
 from clip.shards import Shard
 
 if TYPE_CHECKING:
@@ -68,7 +67,8 @@ def load_model(
     """The model of ``spec`` on ``device``, in eval mode, computing in ``precision``.
 
     Args:
-        spec: a model name, a checkpoint file, or a zero-argument callable returning a model.
+        spec: a model name, a checkpoint file or model folder, or a zero-argument callable
+            returning a model.
         device: where the model goes.
         download_root: where named models are downloaded (see :func:`clip.load`).
         precision: the dtype a named or file model computes in (a callable sets its own).
@@ -100,7 +100,8 @@ def make_job(
 
     Args:
         out_dir, spec, download_root, meta, dtype, batch_size: as in :class:`Job`.
-        preprocess: PIL image → tensor; None for the model's standard (uint8) transform.
+        preprocess: PIL image → tensor; None for the model's own preprocessing, to uint8 (its
+            config's resize; the actors or ranks normalise with their model's mean and std).
         fast_decode: decode large JPEGs reduced to the model's resolution.
         model: the loaded model.
         precision: the dtype the model computes in.
@@ -115,7 +116,7 @@ def make_job(
         download_root,
         meta,
         dtype,
-        preprocess or transform_uint8(resolution),  # normalised by encode_images
+        preprocess or uint8_transform(model, resolution),  # normalised by encode_images
         batch_size,
         resolution if fast_decode else None,
         resolution,

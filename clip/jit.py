@@ -11,8 +11,9 @@ device or dtype of any of its tensors, so the graph always matches where and how
 What the traced module exposes, as OpenAI's archives do: ``encode_image``, ``encode_text``,
 ``forward``, and the 0-d int64 tensors ``input_resolution``, ``context_length`` and ``vocab_size``
 (also in its state dict, as in the archives). Its state dict has exactly the keys of an OpenAI
-archive. Added for code written against the eager model: ``model.dtype`` and
-``model.visual.input_resolution`` (an int).
+archive. Added for code written against the eager model: ``model.dtype``,
+``model.visual.input_resolution`` (an int) and ``model.config`` (the eager model's
+:class:`clip.config.CLIPConfig`: activation, head width, preprocessing).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from clip.config import CLIPConfig
 from clip.model import CLIP
 
 __all__ = ["TracedCLIP", "trace"]
@@ -69,6 +71,12 @@ class TracedCLIP(torch.jit.RecursiveScriptModule):
     def dtype(self) -> torch.dtype:
         """dtype of the image tower's first convolution (what input images are cast to)."""
         return self.visual.conv1.weight.dtype
+
+    @property
+    def config(self) -> CLIPConfig:
+        """The configuration of the eager model this module was traced from."""
+        eager: CLIP = self.__dict__["_eager"]
+        return eager.config
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TracedCLIP:
         super()._apply(fn, recurse)

@@ -6,9 +6,10 @@ renaming, and research code that reaches into submodules (``model.transformer.re
 :class:`CLIPConfig`; nothing here knows about files, URLs or devices beyond the tensors it is given.
 
 The parts live in :mod:`clip.layers` (blocks, transformer), :mod:`clip.vision` (image towers),
-:mod:`clip.weights` (configuration, loading, precision), :mod:`clip.features` (what the feature
-methods return, heatmaps) and :mod:`clip.checks` (input checks); every name is importable from
-here too, as in OpenAI's ``clip.model``.
+:mod:`clip.config` (hyperparameters, read from shapes and configs), :mod:`clip.weights`
+(loading, precision), :mod:`clip.features` (the feature methods :class:`CLIP` inherits: tokens,
+block outputs, attention; heatmaps) and :mod:`clip.checks` (input checks); every name research
+code imports from OpenAI's ``clip.model`` is importable from here too.
 
 Shape legend used in comments: B batch, L sequence length, N batch (sequence-first layout),
 D width, H heads, C channels, R image resolution, G grid side (R // patch), E embed dim.
@@ -17,15 +18,15 @@ D width, H heads, C channels, R image resolution, G grid side (R // patch), E em
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from clip.checks import check_image, check_text
-from clip.config import CLIPConfig
-from clip.features import TextTokens, attention_heatmap
+from clip.config import CLIPConfig, UnsupportedModelError
+from clip.features import FeatureMethods, TextTokens, attention_heatmap
 from clip.layers import (
     LayerNorm,
     QuickGELU,
@@ -46,6 +47,7 @@ __all__ = [
     "AttentionPool2d",
     "Bottleneck",
     "CLIPConfig",
+    "FeatureMethods",
     "LayerNorm",
     "ModifiedResNet",
     "QuickGELU",
@@ -71,8 +73,12 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-class CLIP(nn.Module):
+class CLIP(FeatureMethods, nn.Module):
     """Contrastive image-text model: an image tower, a causal text transformer, and a shared space.
+
+    The core is here: building, ``encode_image``, ``encode_text``, ``forward``, resizing. The
+    feature methods (``encode_image_tokens``, ``image_attention``, ``encode_text_layers``...)
+    come from :class:`clip.features.FeatureMethods`.
 
     The constructor's arguments and their order are OpenAI's, so subclasses written for OpenAI's
     package work unchanged.
@@ -243,85 +249,6 @@ class CLIP(nn.Module):
         self._check_image(image)
         return self.visual(image.to(self.dtype))
 
-    def encode_image_tokens(self, image: Tensor, *, project: bool = False) -> Tensor:
-        """Every token of the image tower, on the path :meth:`encode_image` pools from.
-
-        ViT: all tokens after ``ln_post`` [B, 1+G*G, D] (class token first, then the G x G
-        patches row by row); with ``project=True`` multiplied by ``visual.proj`` → [B, 1+G*G, E],
-        whose token 0 is ``encode_image(image)``. Nothing is L2-normalised.
-
-        ResNet: the sequence the attention pool attends over [B, 1+h*w, C] (the feature map's
-        mean token, then the h x h spatial features row by row, positional embedding added; no
-        normalisation); with ``project=True`` the attention pool run with every token as a query
-        (then ``c_proj``) → [B, 1+h*w, E], whose token 0 is ``encode_image(image)``. The feature
-        map itself is ``model.visual.forward_features(image)``.
-
-        Args:
-            image: [B, 3, R, R], as for :meth:`encode_image`.
-            project: map the tokens into the joint embedding space.
-
-        Returns:
-            Tokens [B, 1+G*G, D or E] (G = R / patch for ViTs, R / 32 for ResNets).
-        """
-        self._check_image(image)
-        image = image.to(self.dtype)
-        visual = self.visual
-        if isinstance(visual, VisionTransformer):
-            tokens = visual.forward_features(image)
-            return visual.project(tokens) if project else tokens
-        features = visual.forward_features(image)
-        return (
-            visual.attnpool.forward_tokens(features)
-            if project
-            else visual.attnpool.tokens(features)
-        )
-
-    def encode_image_layers(
-        self, image: Tensor, layers: Optional[Sequence[int]] = None
-    ) -> list[Tensor]:
-        """Outputs of chosen blocks of the image tower (nothing after the last one is run).
-
-        ViT: transformer blocks (``visual.transformer.resblocks``), each output [B, 1+G*G, D],
-        before ``ln_post``. ResNet: the four stages ``layer1``..``layer4`` (indices 0..3), each
-        a feature map [B, C_i, h_i, w_i].
-
-        Args:
-            image: [B, 3, R, R], as for :meth:`encode_image`.
-            layers: indices, negative ones counting from the end; ``None`` for all.
-
-        Returns:
-            One tensor per index, in the order asked.
-
-        Raises:
-            ValueError: if an index is out of range (the message gives the valid range).
-        """
-        self._check_image(image)
-        return self.visual.forward_layers(image.to(self.dtype), layers)
-
-    def image_attention(
-        self, image: Tensor, layers: Optional[Sequence[int]] = None
-    ) -> list[Tensor]:
-        """Per-head attention weights of the image tower, computed only when called.
-
-        ViT: each chosen block's softmax(QK^T / sqrt(d)) [B, H, T, T], T = 1+G*G, token 0 the
-        class token. ResNet: the attention pool is the only layer (``layers`` 0 or -1); its
-        weights with every token as a query [B, H, T, T], T = 1+h*w, row 0 the pooling query.
-        Weights are float32 and each row sums to 1. Turn them into a heat map with
-        :func:`attention_heatmap`.
-
-        Args:
-            image: [B, 3, R, R], as for :meth:`encode_image`.
-            layers: indices, negative ones counting from the end; ``None`` for all.
-
-        Returns:
-            One [B, H, T, T] tensor per index, in the order asked.
-
-        Raises:
-            ValueError: if an index is out of range.
-        """
-        self._check_image(image)
-        return self.visual.attention_maps(image.to(self.dtype), layers)
-
     def _check_image(self, image: Tensor) -> None:
         if torch.jit.is_tracing():
             return
@@ -398,62 +325,6 @@ class CLIP(nn.Module):
         x = self.token_embedding(text).to(self.dtype)  # [B, L, D]
         return x + self.positional_embedding[: text.shape[1]].to(self.dtype)
 
-    def encode_text_tokens(self, text: Tensor, *, project: bool = False) -> TextTokens:
-        """Every token of the text tower, on the path :meth:`encode_text` pools from.
-
-        Runs all L columns given (no trimming), so every position has a feature; positions after
-        a row's end-of-text token see only that row's padding and the tokens before it.
-
-        Args:
-            text: [B, L] token ids, as for :meth:`encode_text`.
-            project: multiply by ``text_projection`` → [B, L, E]; then
-                ``tokens[arange(B), eot]`` is ``encode_text(text)``. Nothing is L2-normalised.
-
-        Returns:
-            ``TextTokens(tokens, eot)``: features after ``ln_final`` [B, L, D] (or [B, L, E]),
-            and the end-of-text position of each row [B] (the argmax of the ids), the token
-            :meth:`encode_text` pools.
-        """
-        text = self._check_text(text)
-        tokens, eot = self._text_tokens(text, trim=False)
-        return TextTokens(tokens @ self.text_projection if project else tokens, eot)
-
-    def encode_text_layers(
-        self, text: Tensor, layers: Optional[Sequence[int]] = None
-    ) -> list[Tensor]:
-        """Outputs of chosen text transformer blocks, each [B, L, D] (before ``ln_final``).
-
-        Args:
-            text: [B, L] token ids, as for :meth:`encode_text`.
-            layers: indices, negative ones counting from the end; ``None`` for all.
-
-        Returns:
-            One [B, L, D] tensor per index, in the order asked.
-
-        Raises:
-            ValueError: if an index is out of range.
-        """
-        text = self._check_text(text)
-        x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
-        return [y.transpose(0, 1) for y in self.transformer.forward_layers(x, layers)]
-
-    def text_attention(self, text: Tensor, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
-        """Per-head causal attention weights of chosen text blocks, computed only when called.
-
-        Args:
-            text: [B, L] token ids, as for :meth:`encode_text`.
-            layers: indices, negative ones counting from the end; ``None`` for all.
-
-        Returns:
-            One [B, H, L, L] float32 tensor per index; rows sum to 1, zero above the diagonal.
-
-        Raises:
-            ValueError: if an index is out of range.
-        """
-        text = self._check_text(text)
-        x = self._embed_text(text).transpose(0, 1)  # [L, B, D]
-        return self.transformer.attention_maps(x, layers)
-
     def _check_text(self, text: Tensor) -> Tensor:
         """Validate token ids [B, L]; returns them as int32/int64 (other integer dtypes cast)."""
         if torch.jit.is_tracing():
@@ -469,10 +340,12 @@ class CLIP(nn.Module):
         ViT: the patch-grid positional embedding is resized bicubically, the class-token row
         kept; ``resolution`` must be a multiple of the patch size. ResNet: the attention pool's
         positional embedding likewise; ``resolution`` must be a multiple of 32. The other weights
-        are untouched, ``visual.input_resolution`` becomes ``resolution``, and at the current
-        resolution the model is unchanged. Build the matching preprocessing with
-        ``clip.preprocess.transform(resolution)``; ``copy.deepcopy(model)`` first to keep the
-        original. The resized embedding is a new ``nn.Parameter``: create optimizers after this.
+        are untouched, ``visual.input_resolution`` becomes ``resolution`` (and so does
+        ``config.image_resolution``), and at the current resolution the model is unchanged. Build
+        the matching preprocessing with
+        ``clip.preprocess.transform(resolution, model.config.preprocess)``;
+        ``copy.deepcopy(model)`` first to keep the original. The resized embedding is a new
+        ``nn.Parameter``: create optimizers after this.
 
         Args:
             resolution: the new input side in pixels.
@@ -524,11 +397,13 @@ def build_from_state_dict(
     Raises:
         ValueError: if the weights do not fit the configuration.
     """
-    if config is None:
-        config = CLIPConfig.from_state_dict(state_dict)
     try:
+        if config is None:
+            config = CLIPConfig.from_state_dict(state_dict)
         with torch.device("meta"):
             model = CLIP.from_config(config)
+    except UnsupportedModelError:
+        raise
     except (AssertionError, ValueError, RuntimeError) as e:
         raise ValueError(f"state dict shapes give an impossible CLIP ({config}): {e}") from e
     load_weights(model, state_dict, assign=True)

@@ -29,9 +29,9 @@ from clip.data.embed import (
     encode_texts,
     input_resolution,
     model_device,
+    uint8_transform,
 )
 from clip.data.write import load_embeddings, rows_file, save_embeddings
-from clip.preprocess import transform_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -129,8 +129,8 @@ def iter_image_batches(
     device = torch.device(device) if device is not None else model_device(model)
     res = input_resolution(model) if preprocess is None or fast_decode else 0
     # uint8 crops by default: the workers send a quarter of the bytes, and encode_images
-    # normalises the batch (bit-identical to the float transform)
-    preprocess = preprocess or transform_uint8(res)
+    # normalises the batch with the model's mean and std (bit-identical to the float transform)
+    preprocess = preprocess or uint8_transform(model, res)
     loader = DataLoader(
         ImageFiles(paths, preprocess, res if fast_decode else None),
         batch_size=batch_size,
@@ -178,13 +178,14 @@ def embed_images(
         model: a CLIP model (eager or traced), already on its device.
         paths: image files (or URLs), embedded in this order (see :func:`find_images`); a single
             ``str`` or ``Path`` is one image.
-        preprocess: PIL image → [3, R, R] tensor; default the standard transform for
-            ``model.visual.input_resolution``.
+        preprocess: PIL image → [3, R, R] tensor; default the model's own preprocessing
+            (``model.config.preprocess``: mean, std, resize mode; OpenAI's for a model without
+            a config) at ``model.visual.input_resolution``.
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes (0: decode in this process).
         device: where images go; default the device of the model's parameters.
         fast_decode: decode large JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers
-            the model input after the shorter-side resize. Much faster on photos far larger than
+            the model input after the resize. Much faster on photos far larger than
             the model input; NOT bit-exact (pixels differ slightly from a full decode + bicubic
             resize). Files other than JPEG, and JPEGs under twice the input size, are unaffected.
         progress: show a tqdm progress bar (stderr).

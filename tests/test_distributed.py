@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from folder_models import ZOO, save_folder
 from PIL import Image
 
 import clip
@@ -227,6 +228,23 @@ def test_tar_and_parquet_shards_on_ray(
     schema = pq.read_schema(out / "rows-00000.parquet")
     width = pipeline.embedding_width(vit_model)
     assert str(schema.field("embedding").type) == f"fixed_size_list<element: halffloat>[{width}]"
+
+
+def test_ray_job_with_a_relative_model_folder_uses_its_preprocessing(
+    local_ray: None, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = save_folder(ZOO["zoo-vit"], tmp_path / "zoo-vit")  # GELU, mean/std 0.5, squash
+    model, _ = clip.load(folder, device="cpu")
+    paths = pipeline.find_images([images])[: 2 * SHARD]
+    monkeypatch.chdir(tmp_path)  # the actors load "zoo-vit" wherever they run
+    summary = distributed.embed_dataset(
+        paths, str(tmp_path / "out"), model="zoo-vit", ray=True, batch_size=BATCH, shard_size=SHARD
+    )
+    assert summary.embedded == 2 * SHARD and len(summary.written) == 2
+    ids, embeddings = joined(tmp_path / "out")
+    assert ids == paths
+    expected = pipeline.embed_images(model, paths, batch_size=BATCH).embeddings
+    torch.testing.assert_close(embeddings, expected)
 
 
 def ray_log_lines(err: str) -> list[str]:

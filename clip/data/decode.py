@@ -71,7 +71,8 @@ def load_image(source: Source, preprocess: Transform, draft_px: Optional[int] = 
     with _open_image(source) as image:
         if draft_px is not None and image.format == "JPEG":
             w, h = image.size
-            scale = draft_px / min(w, h)  # the shortest-side resize preprocess will do
+            # both sides stay ≥ draft_px: enough for a shortest-side resize and for a squash
+            scale = draft_px / min(w, h)
             image.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
         return preprocess(image)
 

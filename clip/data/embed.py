@@ -1,19 +1,21 @@
 """Embed batches: decoded pixels or texts → L2-normalised float32 rows, on the model's side.
 
 The one "embed a batch" step of every job: uint8 pixels from :func:`clip.preprocess.
-transform_uint8` are normalised here, in the batch, on the model's device (bit-identical to the
-float transform), then ``model.encode_image`` runs and the rows are L2-normalised.
+transform_uint8` are normalised here, in the batch, on the model's device, with the model's own
+mean and std (bit-identical to the float transform), then ``model.encode_image`` runs and the
+rows are L2-normalised.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
-from clip.preprocess import normalize_uint8
+from clip.checkpoint import config_of
+from clip.preprocess import PreprocessConfig, normalize_uint8, transform_uint8
 from clip.tokenizer import tokenize
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "input_resolution",
     "model_device",
     "normalised",
+    "preprocess_config",
+    "uint8_transform",
 ]
 
 Device = Union[str, torch.device]
@@ -59,6 +63,21 @@ def input_resolution(model: torch.nn.Module) -> int:
     return int(res)
 
 
+def preprocess_config(model: torch.nn.Module) -> PreprocessConfig:
+    """How images are prepared for ``model``: its ``config.preprocess`` (mean, std, resize mode,
+    interpolation), also through DataParallel/DDP and ``jit=True``; OpenAI's for a model that
+    does not say (a TorchScript archive, a user's own module).
+    """
+    config = config_of(model)
+    return PreprocessConfig() if config is None else config.preprocess
+
+
+def uint8_transform(model: torch.nn.Module, resolution: int) -> Callable[[Any], torch.Tensor]:
+    """The model's preprocessing up to the crop (PIL image → uint8 [3, R, R]), for workers to
+    run; :func:`encode_images` finishes it with the same model's mean and std."""
+    return transform_uint8(resolution, preprocess_config(model))
+
+
 def embedding_width(model: torch.nn.Module) -> int:
     """D, the width of the model's embeddings (0 if it cannot be told)."""
     projection = getattr(model, "text_projection", None)
@@ -89,8 +108,8 @@ def encode_images(
 
     Args:
         model: a CLIP model, on its device.
-        pixels: [n, 3, R, R], uint8 from ``transform_uint8`` (normalised here) or the float
-            output of a custom preprocess (used as is).
+        pixels: [n, 3, R, R], uint8 from :func:`uint8_transform` (normalised here with the
+            model's mean and std) or the float output of a custom preprocess (used as is).
         device: where the batch goes; default the model's device.
 
     Returns:
@@ -101,7 +120,7 @@ def encode_images(
     device = torch.device(device) if device is not None else model_device(model)
     pixels = pixels.to(device, non_blocking=True)
     if pixels.dtype == torch.uint8:
-        pixels = normalize_uint8(pixels)  # [n, 3, R, R] float32
+        pixels = normalize_uint8(pixels, preprocess_config(model))  # [n, 3, R, R] float32
     return normalised(_call(model, "encode_image", pixels)).cpu()  # [n, D]
 
 

@@ -8,7 +8,9 @@ path, so ``photos/a.jpg`` and ``./photos/a.jpg`` are one row.
 The model digest is ``sha256:<hex>`` of the checkpoint file for a released model name (the
 SHA256 in its URL, so nothing is read) or a checkpoint path (hashed once per process and file
 version), and ``weights-sha256:<hex>`` of the state dict (names, shapes, dtypes and bytes) for
-a model object or a model built by a function.
+a model object, a model built by a function or a model folder (with, when the model's config
+says more than OpenAI's defaults, that config: the same weights with another activation or mean
+are another model).
 """
 
 from __future__ import annotations
@@ -42,13 +44,43 @@ _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """``weights-sha256:<hex>`` of the state dict: every name, shape, dtype and byte, in order."""
+    """``weights-sha256:<hex>`` of the state dict: every name, shape, dtype and byte, in order.
+
+    For a CLIP whose config says what shapes cannot and differs from OpenAI's defaults (GELU,
+    a head width other than 64, another mean, std or resize), that config is hashed too: it
+    changes the embeddings as much as the weights do. A model with OpenAI's defaults hashes its
+    weights alone, as before those settings existed.
+    """
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim too (logit_scale)
         h.update(f"{name}|{tuple(tensor.shape)}|{t.dtype}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(_unseen_config(model))
     return f"weights-sha256:{h.hexdigest()}"
+
+
+def _unseen_config(model: torch.nn.Module) -> bytes:
+    """What the model's config says beyond its shapes, if not OpenAI's defaults (else b"")."""
+    from clip.checkpoint import config_of
+    from clip.preprocess import PreprocessConfig
+
+    config = config_of(model)
+    if config is None:
+        return b""
+    said = {
+        "activation": config.activation,
+        "vision_head_width": config.vision_head_width,
+        "transformer_heads": config.transformer_heads,
+        "preprocess": config.preprocess,
+    }
+    openai = {
+        "activation": "quick_gelu",
+        "vision_head_width": 64,
+        "transformer_heads": config.transformer_width // 64,
+        "preprocess": PreprocessConfig(),
+    }
+    return b"" if said == openai else f"config|{said!r}\n".encode()
 
 
 def file_digest(path: str) -> str:
