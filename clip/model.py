@@ -334,6 +334,23 @@ class CLIP(FeatureMethods, nn.Module):
 
     # ---- both -------------------------------------------------------------------------------
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> CLIP:
+        """Trade compute for memory in training: with ``enabled``, both towers keep no activations
+        inside their blocks (ViT and text transformer blocks, ResNet stages) and recompute them in
+        backward, so batches that otherwise do not fit do (about a third more compute). Outputs and
+        gradients are unchanged; BatchNorm statistics are updated once per step, as without it.
+        Inference (under ``torch.no_grad()``) is unaffected.
+
+        Args:
+            enabled: turn checkpointing on (True) or off.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        self.visual.set_grad_checkpointing(enabled)
+        self.transformer.grad_checkpointing = enabled
+        return self
+
     def resize_input(self, resolution: int) -> CLIP:
         """Adapt the image tower, in place, to square inputs of side ``resolution``.
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clip.layers import LayerNorm, Transformer, layer_indices
+from clip.layers import LayerNorm, Transformer, checkpointed, layer_indices
 
 __all__ = ["AttentionPool2d", "Bottleneck", "ModifiedResNet", "VisionTransformer"]
 
@@ -79,6 +79,10 @@ class VisionTransformer(nn.Module):
         x = self.embed(x)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)  # [B, 1+G*G, D]
         return self.ln_post(x)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of keeping them."""
+        self.transformer.grad_checkpointing = enabled
 
     def forward_head(self, tokens: Tensor) -> Tensor:
         """Tokens [B, 1 + G*G, D] → class token projected [B, E] (or [B, D] if ``proj`` is None)."""
@@ -269,6 +273,7 @@ class ModifiedResNet(nn.Module):
         self.relu3 = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(2)
         self._inplanes = width
+        self.grad_checkpointing = False  # see set_grad_checkpointing
         self.layer1 = self._make_layer(width, layers[0])
         self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
@@ -292,8 +297,17 @@ class ModifiedResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """Images [B, 3, R, R] → feature map before attention pooling [B, 32*width, R/32, R/32]."""
         x = self.stem(x.to(self.conv1.weight.dtype))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        if getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled():
+            for stage in stages:
+                x = checkpointed(stage, x)
+        else:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return x.contiguous()  # the usual NCHW layout for callers that .view() it
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each stage's activations in backward instead of keeping them."""
+        self.grad_checkpointing = enabled
 
     def forward_head(self, features: Tensor) -> Tensor:
         """Feature map [B, C, R/32, R/32] → attention-pooled embedding [B, E]."""
