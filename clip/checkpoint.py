@@ -31,6 +31,7 @@ from clip.folder import (
     BIN_NAME,
     CONFIG_NAME,
     SAFETENSORS_NAME,
+    check_describes,
     config_from_open_clip,
     find_weights,
     new_save_id,
@@ -301,23 +302,35 @@ def read_folder(
     """
     folder = os.fspath(folder)
     weights = find_weights(folder)
-    state_dict, _ = read_checkpoint(weights)
     if config is not None:
+        state_dict, _ = read_checkpoint(weights)
+        check_describes(config, state_dict)
         return state_dict, config
+    # Everything that can refuse the folder before its weights are read (gigabytes).
     config_path = os.path.join(folder, CONFIG_NAME)
+    stored = saved_config(weights)
     if not os.path.isfile(config_path):
+        if stored is not None and save_id_of(stored):
+            raise CheckpointError(
+                f"{folder!r} has the weights of an unfinished clip.save (killed before it "
+                f"wrote {CONFIG_NAME}); save the model again"
+            )
         raise FileNotFoundError(
             f"{folder!r} has weights but no {CONFIG_NAME}, which says what shapes cannot "
             "(activation, head width, preprocessing); pass config= (a registry name such as "
             "'ViT-B-32/laion2b_s34b_b79k', an open_clip config file or a CLIPConfig)"
         )
     doc = read_config_file(config_path)
-    stored = saved_config(weights)
+    try:
+        config_from_open_clip(doc)  # another family, or a malformed config
+    except ValueError as e:  # also UnsupportedModelError: name the file that says so
+        raise type(e)(f"{config_path}: {e}") from e
     if stored is not None and save_id_of(stored) != save_id_of(doc):
         raise CheckpointError(
             f"{folder!r}: {CONFIG_NAME} and {os.path.basename(weights)} were written by different "
             "saves (a save interrupted between the two files?); save the model again"
         )
+    state_dict, _ = read_checkpoint(weights)
     return state_dict, config_from_open_clip(doc, state_dict)
 
 
@@ -361,6 +374,7 @@ def save(
         ImportError: if safetensors is not installed.
         TypeError: if the argument holds no tensors to save.
         ValueError: if ``config`` does not describe the weights.
+        FileExistsError: if ``path`` has no extension (a folder) but is an existing file.
     """
     obj = model_or_state_dict
     raw = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
@@ -376,10 +390,7 @@ def save(
     if config is None:
         config = CLIPConfig.from_state_dict(tensors)
     else:
-        known = {f: getattr(config, f) for f in _KNOWN_FIELDS}
-        shaped = CLIPConfig.from_state_dict(tensors, **known)
-        if shaped != config:
-            raise ValueError(f"config does not describe these weights: {config} vs shapes {shaped}")
+        check_describes(config, tensors)
     path = os.fspath(path)
     if _is_folder_target(path):
         _write_folder(tensors, config, path)
@@ -388,14 +399,17 @@ def save(
         _write_atomically(tensors, path, {CONFIG_METADATA_KEY: json.dumps(doc)})
 
 
-# What a config says and shapes cannot tell.
-_KNOWN_FIELDS = ("transformer_heads", "activation", "vision_head_width", "preprocess")
-
-
 def _is_folder_target(path: str) -> bool:
     if os.path.isdir(path) or path.endswith((os.sep, "/")):
         return True
-    return os.path.splitext(os.path.basename(path))[1] == ""
+    if os.path.splitext(os.path.basename(path))[1] != "":
+        return False
+    if os.path.exists(path):
+        raise FileExistsError(
+            f"{path!r} is an existing file, and clip.save writes a model folder to a path without "
+            f"an extension; save to {path + '.safetensors'!r} for a single file, or remove it"
+        )
+    return True
 
 
 def _write_folder(tensors: dict[str, Tensor], config: CLIPConfig, folder: str) -> None:
