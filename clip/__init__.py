@@ -11,21 +11,30 @@ from clip import zeroshot as _zeroshot
 from clip.checkpoint import save
 from clip.clip import available_models, load, tokenize
 from clip.export import export_onnx
+from clip.linear_probe import LinearProbe, linear_probe
+from clip.loss import contrastive_loss
 from clip.model import attention_heatmap
 from clip.optimize import optimize
+from clip.registry import available_weights
+from clip.wise_ft import wise_ft
 from clip.zeroshot import zero_shot_classifier
 
 __all__ = [
+    "LinearProbe",
     "attention_heatmap",
     "available_models",
+    "available_weights",
+    "contrastive_loss",
     "export_onnx",
     "imagenet_classes",
     "imagenet_templates",
     "imagenet_templates_short",
+    "linear_probe",
     "load",
     "optimize",
     "save",
     "tokenize",
+    "wise_ft",
     "zero_shot_classifier",
 ]
 __version__ = "0.1.0"

@@ -325,13 +325,31 @@ def read_folder(
         config_from_open_clip(doc)  # another family, or a malformed config
     except ValueError as e:  # also UnsupportedModelError: name the file that says so
         raise type(e)(f"{config_path}: {e}") from e
-    if stored is not None and save_id_of(stored) != save_id_of(doc):
+    written, described = save_id_of(stored or {}), save_id_of(doc)
+    if written is not None and described is not None and written != described:
         raise CheckpointError(
             f"{folder!r}: {CONFIG_NAME} and {os.path.basename(weights)} were written by different "
             "saves (a save interrupted between the two files?); save the model again"
         )
+    # A config without our save id (open_clip's, or ours stripped of it, as on the hub) beside
+    # the weights of a folder save is trusted when it describes the model that save wrote;
+    # otherwise the save went over a folder open_clip wrote and was killed before its config.
+    if written is not None and described is None and not _same_model(doc, stored or {}):
+        raise CheckpointError(
+            f"{folder!r}: {CONFIG_NAME} describes another model than the one clip.save wrote "
+            f"into {os.path.basename(weights)} (a save over this folder, interrupted before its "
+            "config?); save the model again, or pass config= to choose"
+        )
     state_dict, _ = read_checkpoint(weights)
     return state_dict, config_from_open_clip(doc, state_dict)
+
+
+def _same_model(doc: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether two open_clip config documents describe the same model and preprocessing."""
+    try:
+        return config_from_open_clip(doc) == config_from_open_clip(other)
+    except ValueError:
+        return False
 
 
 def config_of(model: torch.nn.Module) -> Optional[CLIPConfig]:

@@ -1,8 +1,9 @@
-"""Command line: ``clip embed``, ``clip classify`` and ``clip models``.
+"""Command line: ``clip embed``, ``clip classify``, ``clip models`` and ``clip evaluate``.
 
 A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry; ``embed`` and
-``classify`` live in :mod:`clip.cli_embed` and :mod:`clip.cli_classify`. This is the only
-module that prints. Exit codes:
+``classify`` live in :mod:`clip.cli_embed` and :mod:`clip.cli_classify`, ``models`` in
+:mod:`clip.cli_models`, ``evaluate`` in :mod:`clip.cli_evaluate`. This is the only module that
+prints. Exit codes:
 
 * 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
   the output holds at least one row;
@@ -16,10 +17,9 @@ module that prints. Exit codes:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Optional
 
 from clip.cli_classify import add_classify_parser, run_classify
 from clip.cli_common import (
@@ -31,7 +31,8 @@ from clip.cli_common import (
     UsageError,
 )
 from clip.cli_embed import add_embed_parser, run_embed
-from clip.download import MODELS, default_cache_dir, verify_cache
+from clip.cli_evaluate import add_evaluate_parser, run_evaluate
+from clip.cli_models import add_models_parser, run_models
 
 __all__ = [
     "EXIT_FAILURE",
@@ -53,47 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_embed_parser(sub)
     add_classify_parser(sub)
-    models = sub.add_parser(
-        "models",
-        help="list the released models and which are in the cache",
-        description=(
-            "List the released model names; 'present' marks those whose file is in the cache "
-            "directory (checked by name, not hashed: clip.load verifies on use, and hashes a "
-            "file again only when its size or modification time changed). --verify hashes "
-            "every cached file now and marks it 'ok' or 'corrupt' (exit code 1 if any is)."
-        ),
-    )
-    models.add_argument(
-        "--cache-dir", help="cache directory (default $CLIP_CACHE_DIR or ~/.cache/clip)"
-    )
-    models.add_argument(
-        "--verify",
-        action="store_true",
-        help="re-hash every cached model file and report ok/corrupt (exit 1 on corruption)",
-    )
+    add_models_parser(sub)
+    add_evaluate_parser(sub)
     return parser
-
-
-# ---- models ---------------------------------------------------------------------------------
-
-
-def _models(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    root = os.path.expanduser(args.cache_dir) if args.cache_dir else default_cache_dir()
-    width = max(map(len, MODELS))
-    if args.verify:
-        found = verify_cache(root)
-        for entry in found:
-            status = f"{entry.status:<7}  {entry.path}" if entry.status != "missing" else "-"
-            out(f"{entry.name:<{width}}  {status}")
-        corrupt = sum(entry.status == "corrupt" for entry in found)
-        if corrupt:
-            out(f"{corrupt} corrupt file(s): the next clip.load of each downloads it again")
-        return EXIT_FAILURE if corrupt else EXIT_OK
-    for name, url in MODELS.items():
-        path = os.path.join(root, os.path.basename(url))
-        status = f"present  {path}" if os.path.isfile(path) else "-"
-        out(f"{name:<{width}}  {status}")
-    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,9 +82,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.command == "models":
-            return _models(args, out)
+            return run_models(args, out)
         if args.command == "embed":
             return run_embed(args, err)
+        if args.command == "evaluate":
+            return run_evaluate(args, out, err)
         return run_classify(args, out, err)
     except UsageError as e:
         err(f"clip {args.command}: error: {e}")

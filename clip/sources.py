@@ -141,10 +141,11 @@ def _from_registry(name: str, root: Optional[str], config: Optional[ConfigArg]) 
         from clip import hub
 
         assert entry.hub_repo is not None
-        folder = hub.download_folder(
+        # The file fetch() verified, not whatever else the snapshot holds.
+        fetched = hub.fetch(
             entry.hub_repo, cache_dir=root, weights=entry.filenames, config_required=False
         )
-        state_dict, is_archive = read_checkpoint(find_weights(folder))
+        state_dict, is_archive = read_checkpoint(fetched.weights)
     if config is None:
         check_describes(entry.config, state_dict)
     chosen = entry.config if config is None else resolve_config(config, state_dict)

@@ -21,6 +21,7 @@ from clip.atomic import atomic_write
 __all__ = [
     "SUFFIX",
     "drop_marker",
+    "recorded_sha256",
     "sha256_of",
     "sha256_of_stream",
     "stamp",
@@ -112,6 +113,23 @@ def drop_marker(path: str) -> None:
     """
     with contextlib.suppress(FileNotFoundError):
         os.remove(path + SUFFIX)
+
+
+def recorded_sha256(path: str) -> Optional[str]:
+    """The SHA256 that ``path``'s marker records, whether or not the file has changed since.
+
+    For callers that have no other source for the expected hash (a hub file cached without its
+    content-addressed name, read offline): :func:`trusted` against this value rehashes the file
+    if its size or modification time changed, so a file altered after it was verified is caught.
+
+    Args:
+        path: the file the marker is for.
+
+    Returns:
+        The recorded hex digest, or None if there is no readable marker.
+    """
+    sha = (_read_marker(path) or {}).get("sha256")
+    return sha if isinstance(sha, str) else None
 
 
 def _read_marker(path: str) -> Optional[dict]:

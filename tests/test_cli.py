@@ -314,15 +314,16 @@ def test_models_marks_cached_files(
 ) -> None:
     (tmp_path / "ViT-B-32.pt").write_bytes(b"weights")
     (tmp_path / "RN50.pt.partial").write_bytes(b"half")
-    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert [row[0] for row in rows] == NAMES
-    status = {row[0]: row[1:] for row in rows}
-    assert status["ViT-B/32"] == ["present", str(tmp_path / "ViT-B-32.pt")]
-    assert all(status[name] == ["-"] for name in NAMES if name != "ViT-B/32")
+    assert main(["models", "--cache-dir", str(tmp_path), "--hub-cache-dir", str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    openai = {row[0]: row[-1] for row in rows if row[0].endswith("/openai")}
+    assert [clip.registry.get(name).openai_name for name in openai] == NAMES
+    assert openai["ViT-B-32/openai"] == "yes"
+    assert all(openai[name] == "no" for name in openai if name != "ViT-B-32/openai")
     monkeypatch.setenv("CLIP_CACHE_DIR", str(tmp_path))
     assert main(["models"]) == 0
-    assert "present" in capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()}
+    assert rows["ViT-B-32/openai"] == "yes" and rows["RN50/openai"] == "no"
 
 
 def test_help(capsys: Any) -> None:
@@ -339,7 +340,7 @@ def test_python_dash_m(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "clip", "models"], capture_output=True, text=True, cwd=ROOT, env=env
     )
-    assert run.returncode == 0 and "ViT-B/32" in run.stdout
+    assert run.returncode == 0 and "ViT-B-32/openai" in run.stdout
     run = subprocess.run(
         [sys.executable, "-m", "clip", "embed", "missing.jpg", "--out", str(tmp_path / "e.npy")],
         capture_output=True, text=True, cwd=ROOT, env=env,

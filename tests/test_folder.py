@@ -341,6 +341,28 @@ def test_a_torn_save_is_refused(folder: Path) -> None:
         clip.load(folder, device="cpu")
 
 
+def test_a_config_without_our_save_id_describing_the_saved_model_is_trusted(
+    folder: Path,
+) -> None:
+    """As published on the hub: clip.save's files, the config stripped of our key."""
+    edit_config(folder, lambda doc: doc.pop("clip_torch"))
+    model, _ = clip.load(folder, device="cpu")
+    assert model.config == TINY
+
+
+def test_a_config_without_our_save_id_describing_another_model_is_refused(folder: Path) -> None:
+    def other(doc: dict) -> None:
+        doc.pop("clip_torch")
+        doc["model_cfg"]["quick_gelu"] = True
+
+    edit_config(folder, other)
+    with pytest.raises(CheckpointError, match=r"describes another model.*config="):
+        clip.load(folder, device="cpu")
+    quick = TINY.replace(activation="quick_gelu")
+    model, _ = clip.load(folder, device="cpu", config=folder / CONFIG_NAME)
+    assert model.config == quick
+
+
 def test_the_weights_of_an_unfinished_first_save_are_refused(folder: Path) -> None:
     (folder / CONFIG_NAME).unlink()
     with pytest.raises(CheckpointError, match=r"unfinished clip\.save"):

@@ -245,6 +245,30 @@ def test_a_first_save_killed_before_its_config_is_refused(tmp_path: Path) -> Non
 
 
 @needs_fork
+def test_a_save_over_an_open_clip_folder_killed_before_its_config_is_refused(
+    tmp_path: Path,
+) -> None:
+    """open_clip's config has no save id to tell the torn save by: its content does."""
+    _open_clip_style_folder(tmp_path, TINY, seed=1)
+    other = UNUSUAL.replace(vision_width=128, vision_head_width=32)  # TINY's shapes
+    assert _in_child(_save_killed(tiny_model(other), tmp_path, "after-weights")) == KILLED
+    with pytest.raises(CheckpointError, match="describes another model"):
+        clip.load(tmp_path, device="cpu")
+
+
+@needs_fork
+def test_a_save_of_the_same_model_over_an_open_clip_folder_killed_before_its_config_loads(
+    tmp_path: Path,
+) -> None:
+    """Fine-tuned weights of the folder's model: the old config describes them exactly."""
+    _open_clip_style_folder(tmp_path, UNUSUAL, seed=1)
+    tuned = tiny_model(UNUSUAL, seed=2)
+    assert _in_child(_save_killed(tuned, tmp_path, "after-weights")) == KILLED
+    loaded, _ = clip.load(tmp_path, device="cpu")
+    assert loaded.config == UNUSUAL and same_weights(loaded, tuned)
+
+
+@needs_fork
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_save_killed_at_any_moment_never_gives_a_wrong_model(
     tmp_path: Path, attempt: int

@@ -217,9 +217,9 @@ def test_unavailable_devices_are_refused_clearly(
         clip.load(path, device="gpu")
 
 
-def test_a_directory_without_a_model_says_what_a_model_folder_holds(tmp_path: Path) -> None:
+def test_a_directory_without_weights_names_the_expected_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not weights")
-    with pytest.raises(FileNotFoundError, match=r"holds no weights.*found \['notes.txt'\]"):
+    with pytest.raises(FileNotFoundError, match=r"open_clip_model\.safetensors.*notes\.txt"):
         clip.load(str(tmp_path))
 
 

@@ -18,6 +18,7 @@ from checkpoints import TINY, make_state_dict, write_openai_archive
 
 import clip
 import clip.clip
+import clip.sources
 from clip.model import CLIP
 
 
@@ -56,7 +57,7 @@ def test_load_drops_the_checkpoint_tensors_before_upcasting(
 ) -> None:
     read: list[tuple[bool, set[torch.dtype]]] = []
     alive: list[weakref.ref] = []
-    real_read = clip.clip.read_checkpoint
+    real_read = clip.sources.read_checkpoint
 
     def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], bool]:
         sd, archive = real_read(path)
@@ -71,7 +72,7 @@ def test_load_drops_the_checkpoint_tensors_before_upcasting(
         still_referenced.append(sum(ref() is not None for ref in alive))
         return real_settle(model, device, dtype)
 
-    monkeypatch.setattr(clip.clip, "read_checkpoint", read_checkpoint)
+    monkeypatch.setattr(clip.sources, "read_checkpoint", read_checkpoint)
     monkeypatch.setattr(clip.clip, "settle_dtype", settle_dtype)
     model, _ = clip.load(str(write(kind, tmp_path)), device="cpu")
     assert read[0][0] is is_archive and stored in read[0][1]  # the kind really was this one

@@ -7,6 +7,7 @@ Registry names such as "ViT-B/32" resolve to a tiny random checkpoint in OpenAI'
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import traceback
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from PIL import Image
 
 import clip
 import clip.clip
+import clip.download
+import clip.hub
+import clip.model
+import clip.registry
+import clip.sources
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 LANGUAGES = {"python", "bash", "sh", "text", "console"}
@@ -55,18 +61,40 @@ PYTHON_BLOCKS = [b for b in BLOCKS if b.language == "python"]
 
 @pytest.fixture
 def registry_is_tiny(
-    monkeypatch: pytest.MonkeyPatch, tiny_files: dict[str, dict[str, Path]]
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_files: dict[str, dict[str, Path]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Make every released model name load the tiny ViT archive instead of downloading."""
-    original = clip.clip._resolve
+    """Make every released model name load the tiny ViT archive instead of downloading, and every
+    hub name (registry or ``hf-hub:``) a tiny GELU folder in the hub layout."""
     archive = str(tiny_files["tiny-vit"]["archive"])
+    released = set(clip.download.MODELS.values())
+    original = clip.sources.download
 
-    def resolve(name: object, download_root: object) -> str:
-        if isinstance(name, str) and name in clip.available_models():
-            return archive
-        return original(name, download_root)  # type: ignore[arg-type]
+    def download(url: str, root: object = None) -> str:
+        return archive if url in released else original(url, root)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(clip.clip, "_resolve", resolve)
+    monkeypatch.setattr(clip.sources, "download", download)
+
+    model, _ = clip.load(str(tiny_files["tiny-vit"]["state_dict"]), device="cpu")
+    config = model.config.replace(activation="gelu")
+    folder = tmp_path_factory.mktemp("hub") / "snapshot"
+    clip.save(clip.model.CLIP.from_config(config), folder)
+    fetched = clip.hub.HubFolder(
+        str(folder),
+        str(folder / "open_clip_config.json"),
+        str(folder / "open_clip_model.safetensors"),
+        "0" * 40,
+    )
+    monkeypatch.setattr(clip.hub, "fetch", lambda *a, **k: fetched)
+    monkeypatch.setattr(clip.hub, "download_folder", lambda *a, **k: str(folder))
+    real_get = clip.registry.get
+
+    def get(name: str) -> clip.registry.PretrainedWeights:
+        entry = real_get(name)
+        return entry if entry.is_openai else dataclasses.replace(entry, config=config)
+
+    monkeypatch.setattr(clip.registry, "get", get)
 
 
 def write_named_images(source: str, directory: Path) -> None:
@@ -130,3 +158,19 @@ def test_linked_files_exist() -> None:
     assert links, "the README links the notebooks"
     missing = [link for link in links if not (README.parent / link).exists()]
     assert not missing, missing
+
+
+def test_zoo_table_matches_the_registry() -> None:
+    rows = re.findall(
+        r"^\| `([^`]+/[^`]+)`[^|]* \| ([\d.]+)M \| (\d+) \| ([\d.]+) \|$",
+        README.read_text(encoding="utf-8"),
+        flags=re.MULTILINE,
+    )
+    assert len(rows) >= 10
+    for name, params, resolution, top1 in rows:
+        entry = clip.registry.get(name)
+        assert entry.name == name
+        assert float(params) == round(entry.num_parameters / 1e6, 1), name
+        assert int(resolution) == entry.config.image_resolution, name
+        assert float(top1) == round(entry.top1 or -1, 1), name
+    assert f"all {len(clip.available_weights())} names" in README.read_text(encoding="utf-8")

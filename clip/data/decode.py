@@ -34,6 +34,7 @@ __all__ = [
     "iter_items",
     "load_image",
     "parquet_rows",
+    "split_key",
 ]
 
 Source = Union[str, IO[bytes]]  # a path or URL, or an open binary file
@@ -171,7 +172,7 @@ def _tar_items(path: str, only: Optional[frozenset[str]]) -> Iterator[tuple[str,
     seen: set[str] = set()
     with fs.open_read(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
-            key, ext = _split_key(member.name)
+            key, ext = split_key(member.name)
             if not member.isfile() or ext not in IMAGE_EXTENSIONS or key in seen:
                 continue
             seen.add(key)
@@ -185,8 +186,9 @@ def _tar_items(path: str, only: Optional[frozenset[str]]) -> Iterator[tuple[str,
             raise tarfile.ReadError("unexpected end of data (no end-of-archive block)")
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """``dir/000123.jpg`` → ``("dir/000123", ".jpg")``: the key ends at the basename's first dot."""
+def split_key(name: str) -> tuple[str, str]:
+    """``dir/000123.jpg`` → ``("dir/000123", ".jpg")``: the key ends at the basename's first dot
+    (webdataset's rule), the extension is the last one, lower-cased."""
     folder, _, base = name.rpartition("/")
     stem, dot, rest = base.partition(".")
     ext = "." + rest.rsplit(".", 1)[-1].lower() if dot else ""
