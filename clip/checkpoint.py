@@ -31,6 +31,7 @@ from clip.folder import (
     BIN_NAME,
     CONFIG_NAME,
     SAFETENSORS_NAME,
+    check_describes,
     config_from_open_clip,
     find_weights,
     new_save_id,
@@ -301,25 +302,54 @@ def read_folder(
     """
     folder = os.fspath(folder)
     weights = find_weights(folder)
-    state_dict, _ = read_checkpoint(weights)
     if config is not None:
+        state_dict, _ = read_checkpoint(weights)
+        check_describes(config, state_dict)
         return state_dict, config
+    # Everything that can refuse the folder before its weights are read (gigabytes).
     config_path = os.path.join(folder, CONFIG_NAME)
+    stored = saved_config(weights)
     if not os.path.isfile(config_path):
+        if stored is not None and save_id_of(stored):
+            raise CheckpointError(
+                f"{folder!r} has the weights of an unfinished clip.save (killed before it "
+                f"wrote {CONFIG_NAME}); save the model again"
+            )
         raise FileNotFoundError(
             f"{folder!r} has weights but no {CONFIG_NAME}, which says what shapes cannot "
             "(activation, head width, preprocessing); pass config= (a registry name such as "
             "'ViT-B-32/laion2b_s34b_b79k', an open_clip config file or a CLIPConfig)"
         )
     doc = read_config_file(config_path)
-    stored = saved_config(weights)
-    # Only a config written by clip.save carries a save id; one written otherwise is trusted.
-    if stored is not None and save_id_of(doc) is not None and save_id_of(stored) != save_id_of(doc):
+    try:
+        config_from_open_clip(doc)  # another family, or a malformed config
+    except ValueError as e:  # also UnsupportedModelError: name the file that says so
+        raise type(e)(f"{config_path}: {e}") from e
+    written, described = save_id_of(stored or {}), save_id_of(doc)
+    if written is not None and described is not None and written != described:
         raise CheckpointError(
             f"{folder!r}: {CONFIG_NAME} and {os.path.basename(weights)} were written by different "
             "saves (a save interrupted between the two files?); save the model again"
         )
+    # A config without our save id (open_clip's, or ours stripped of it, as on the hub) beside
+    # the weights of a folder save is trusted when it describes the model that save wrote;
+    # otherwise the save went over a folder open_clip wrote and was killed before its config.
+    if written is not None and described is None and not _same_model(doc, stored or {}):
+        raise CheckpointError(
+            f"{folder!r}: {CONFIG_NAME} describes another model than the one clip.save wrote "
+            f"into {os.path.basename(weights)} (a save over this folder, interrupted before its "
+            "config?); save the model again, or pass config= to choose"
+        )
+    state_dict, _ = read_checkpoint(weights)
     return state_dict, config_from_open_clip(doc, state_dict)
+
+
+def _same_model(doc: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether two open_clip config documents describe the same model and preprocessing."""
+    try:
+        return config_from_open_clip(doc) == config_from_open_clip(other)
+    except ValueError:
+        return False
 
 
 def config_of(model: torch.nn.Module) -> Optional[CLIPConfig]:
@@ -362,6 +392,7 @@ def save(
         ImportError: if safetensors is not installed.
         TypeError: if the argument holds no tensors to save.
         ValueError: if ``config`` does not describe the weights.
+        FileExistsError: if ``path`` has no extension (a folder) but is an existing file.
     """
     obj = model_or_state_dict
     raw = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
@@ -377,10 +408,7 @@ def save(
     if config is None:
         config = CLIPConfig.from_state_dict(tensors)
     else:
-        known = {f: getattr(config, f) for f in _KNOWN_FIELDS}
-        shaped = CLIPConfig.from_state_dict(tensors, **known)
-        if shaped != config:
-            raise ValueError(f"config does not describe these weights: {config} vs shapes {shaped}")
+        check_describes(config, tensors)
     path = os.fspath(path)
     if _is_folder_target(path):
         _write_folder(tensors, config, path)
@@ -389,14 +417,17 @@ def save(
         _write_atomically(tensors, path, {CONFIG_METADATA_KEY: json.dumps(doc)})
 
 
-# What a config says and shapes cannot tell.
-_KNOWN_FIELDS = ("transformer_heads", "activation", "vision_head_width", "preprocess")
-
-
 def _is_folder_target(path: str) -> bool:
     if os.path.isdir(path) or path.endswith((os.sep, "/")):
         return True
-    return os.path.splitext(os.path.basename(path))[1] == ""
+    if os.path.splitext(os.path.basename(path))[1] != "":
+        return False
+    if os.path.exists(path):
+        raise FileExistsError(
+            f"{path!r} is an existing file, and clip.save writes a model folder to a path without "
+            f"an extension; save to {path + '.safetensors'!r} for a single file, or remove it"
+        )
+    return True
 
 
 def _write_folder(tensors: dict[str, Tensor], config: CLIPConfig, folder: str) -> None:

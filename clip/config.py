@@ -20,7 +20,7 @@ from torch import Tensor
 from clip.layers import ACTIVATIONS, mlp_width
 from clip.preprocess import PreprocessConfig
 
-__all__ = ["CLIPConfig", "UnsupportedModelError"]
+__all__ = ["CLIPConfig", "UnsupportedModelError", "family_of_keys", "ratio_for", "shape_fields"]
 
 
 class UnsupportedModelError(ValueError):
@@ -141,36 +141,53 @@ class CLIPConfig:
             ValueError: if a key the format requires is missing.
             UnsupportedModelError: for the keys of another model family.
         """
-        family = family_of_keys(state_dict)
-        if family is not None:
-            raise UnsupportedModelError(family)
-        required = ["text_projection", "positional_embedding", "token_embedding.weight"]
-        required += ["ln_final.weight", "visual.conv1.weight"]
-        missing = [k for k in required if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"not a CLIP state dict in OpenAI's format: missing {missing} "
-                f"(found {len(state_dict)} keys, e.g. {list(state_dict)[:3]})"
-            )
-        keys = list(state_dict)
+        shapes = shape_fields(state_dict)
+        width = shapes["transformer_width"]
+        return cls(**{"transformer_heads": width // 64, **shapes, **known})
+
+
+def shape_fields(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The :class:`CLIPConfig` fields an OpenAI-format state dict's shapes tell, unchecked.
+
+    Every field but ``transformer_heads``, ``activation``, ``vision_head_width`` and
+    ``preprocess`` (and ``vision_mlp_ratio`` for a ResNet, which has no such MLP).
+
+    Raises:
+        ValueError: if a key the format requires is missing.
+        UnsupportedModelError: for the keys of another model family.
+    """
+    family = family_of_keys(state_dict)
+    if family is not None:
+        raise UnsupportedModelError(family)
+    required = ["text_projection", "positional_embedding", "token_embedding.weight"]
+    required += ["ln_final.weight", "visual.conv1.weight"]
+    required += ["transformer.resblocks.0.mlp.c_fc.weight"]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"not a CLIP state dict in OpenAI's format: missing {missing} "
+            f"(found {len(state_dict)} keys, e.g. {list(state_dict)[:3]})"
+        )
+    keys = list(state_dict)
+    try:
         vision = (
             _vit_config(state_dict)
             if "visual.proj" in state_dict
             else _resnet_config(keys, state_dict)
         )
-        width = state_dict["ln_final.weight"].shape[0]
-        text_hidden = state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-        shapes: dict[str, Any] = dict(
-            embed_dim=state_dict["text_projection"].shape[1],
-            **vision,
-            context_length=state_dict["positional_embedding"].shape[0],
-            vocab_size=state_dict["token_embedding.weight"].shape[0],
-            transformer_width=width,
-            transformer_heads=width // 64,
-            transformer_layers=_count_prefixes(keys, "transformer.resblocks.", 2),
-            text_mlp_ratio=ratio_for(width, text_hidden),
-        )
-        return cls(**{**shapes, **known})
+    except KeyError as e:
+        raise ValueError(f"not a CLIP state dict in OpenAI's format: missing {e}") from None
+    width = state_dict["ln_final.weight"].shape[0]
+    text_hidden = state_dict["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    return dict(
+        embed_dim=state_dict["text_projection"].shape[1],
+        **vision,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=width,
+        transformer_layers=_count_prefixes(keys, "transformer.resblocks.", 2),
+        text_mlp_ratio=ratio_for(width, text_hidden),
+    )
 
 
 def ratio_for(width: int, hidden: int) -> float:

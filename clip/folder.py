@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from clip.atomic import atomic_write
-from clip.config import CLIPConfig, UnsupportedModelError, family_of_keys
+from clip.config import CLIPConfig, UnsupportedModelError, shape_fields
 from clip.layers import mlp_width
 from clip.preprocess import PreprocessConfig
 
@@ -34,6 +34,7 @@ __all__ = [
     "BIN_NAME",
     "CONFIG_NAME",
     "SAFETENSORS_NAME",
+    "check_describes",
     "config_from_open_clip",
     "find_weights",
     "is_model_folder",
@@ -92,7 +93,7 @@ def read_config_file(path: PathLike) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path!r} is not valid JSON ({e}); expected an open_clip config") from e
     if not isinstance(doc, dict):
         raise ValueError(f"{path!r} holds a JSON {type(doc).__name__}, not an open_clip config")
@@ -124,16 +125,21 @@ def _family(model_cfg: Mapping[str, Any]) -> Optional[str]:
     timm_name = str(vision.get("timm_model_name") or "").lower()
     hf_text = str(text.get("hf_model_name") or "")
     tokenizer = str(text.get("hf_tokenizer_name") or "")
+    # MetaCLIP 2 "worldwide": OpenAI's towers with a multilingual tokenizer (XLM-V, vocabulary
+    # 901,629; or mT5's) and end-of-sequence pooling.
+    worldwide = text.get("vocab_size") == 901629 or "xlm-v" in tokenizer
+    worldwide |= bool(tokenizer) and not hf_text and text.get("pool_type") == "eos"
     checks = [
         (model_cfg.get("multimodal_cfg"), "CoCa (contrastive captioner)"),
         (model_cfg.get("init_logit_bias") is not None, "SigLIP (sigmoid loss)"),
         ("convnext" in timm_name, "ConvNeXt"),
         ("eva" in timm_name, "EVA"),
-        ("fastvit" in timm_name or "mobileclip" in timm_name, "MobileCLIP"),
+        (any(n in timm_name for n in ("fastvit", "mobileclip", "_mci")), "MobileCLIP"),
         ("vitamin" in timm_name, "ViTamin"),
+        ("pe_core" in timm_name, "PE-Core (Meta's Perception Encoder)"),
         ("siglip" in timm_name, "SigLIP"),
         (timm_name, f"a timm image tower ({timm_name})"),
-        (text.get("vocab_size") == 901629 or "xlm-v" in tokenizer, "MetaCLIP 2 (multilingual)"),
+        (worldwide, f"MetaCLIP 2 (multilingual, the {tokenizer or 'XLM-V'} tokenizer)"),
         (hf_text, f"a Hugging Face text tower ({hf_text})"),
         (vision.get("pool_type") == "avg" or vision.get("no_ln_pre"), "CLIPA"),
         (tokenizer, f"a model with the {tokenizer} tokenizer"),
@@ -236,17 +242,19 @@ def config_from_open_clip(
             f"this config has settings OpenAI's CLIP architecture does not: {unsupported}; "
             f"{_SUGGEST}"
         )
+    stated = _stated_fields(model_cfg)
+    stated["preprocess"] = _preprocess_from(doc.get("preprocess_cfg") or {})
     if state_dict is not None:
-        found = family_of_keys(state_dict)
-        if found is not None:
-            raise UnsupportedModelError(found)
-    stated = _stated_fields(model_cfg, doc.get("preprocess_cfg") or {})
-    if state_dict is None:
+        # Shapes first, unchecked: a config for other weights is named as such, not as heads
+        # that do not divide a width.
+        shapes = shape_fields(state_dict)
+        _check_agrees(stated, shapes)
+        stated.update(shapes)
+    try:
         return CLIPConfig(**stated)
-    known = {k: v for k, v in stated.items() if k not in _SHAPE_FIELDS}
-    shapes = CLIPConfig.from_state_dict(state_dict, **known)
-    _check_agrees(stated, shapes)
-    return shapes
+    except ValueError as e:
+        problem = "impossible" if state_dict is None else "the weights do not fit the"
+        raise ValueError(f"{problem} open_clip model config ({e}): {dict(model_cfg)}") from e
 
 
 _SHAPE_FIELDS = (
@@ -264,16 +272,17 @@ _SHAPE_FIELDS = (
 )
 
 
-def _stated_fields(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any]) -> dict:
+def _stated_fields(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """CLIPConfig fields from an open_clip model config, with open_clip's defaults."""
     vision, text = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
     layers = vision.get("layers", 12)
-    is_vit = isinstance(layers, int)
+    is_vit = not isinstance(layers, (list, tuple))
     text_width = text.get("width", 512)
     try:
         return dict(
             embed_dim=int(model_cfg["embed_dim"]),
-            image_resolution=int(vision.get("image_size", 224)),
-            vision_layers=layers if is_vit else tuple(layers),
+            image_resolution=_side(vision.get("image_size", 224)),
+            vision_layers=int(layers) if is_vit else tuple(int(n) for n in layers),
             vision_width=int(vision.get("width", 768)),
             vision_patch_size=int(vision.get("patch_size", 16)) if is_vit else None,
             context_length=int(text.get("context_length", 77)),
@@ -285,36 +294,78 @@ def _stated_fields(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, An
             vision_head_width=int(vision.get("head_width", 64)),
             vision_mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
             text_mlp_ratio=float(text.get("mlp_ratio", 4.0)),
-            preprocess=_preprocess_from(preprocess_cfg),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed open_clip model config ({e!r}): {dict(model_cfg)}") from e
 
 
+def _side(image_size: Any) -> int:
+    """The input side of ``image_size``: an int, or a square ``[side, side]`` as open_clip
+    also accepts."""
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2 or image_size[0] != image_size[1]:
+            raise ValueError(f"image_size {image_size!r}: clip's models take square images only")
+        image_size = image_size[0]
+    return int(image_size)
+
+
 def _preprocess_from(cfg: Mapping[str, Any]) -> PreprocessConfig:
+    """The preprocessing of an open_clip ``preprocess_cfg``; missing or null values are
+    open_clip's defaults (OpenAI's), and a single mean or std applies to all three channels as
+    in open_clip."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"malformed open_clip preprocess_cfg: {cfg!r} is not a JSON object")
     defaults = PreprocessConfig()
-    return PreprocessConfig(
-        mean=tuple(cfg.get("mean", defaults.mean)),
-        std=tuple(cfg.get("std", defaults.std)),
-        interpolation=cfg.get("interpolation", defaults.interpolation),
-        resize_mode=cfg.get("resize_mode", defaults.resize_mode),
-    )
+
+    def value(key: str) -> Any:
+        found = cfg.get(key)
+        if found is None:
+            return getattr(defaults, key)
+        if key in ("mean", "std") and not isinstance(found, (list, tuple)):
+            return (found,) * 3
+        return found
+
+    try:
+        return PreprocessConfig(
+            mean=value("mean"),
+            std=value("std"),
+            interpolation=value("interpolation"),
+            resize_mode=value("resize_mode"),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"open_clip preprocess_cfg {dict(cfg)}: {e}") from e
 
 
-def _check_agrees(stated: Mapping[str, Any], shapes: CLIPConfig) -> None:
+def check_describes(config: CLIPConfig, state_dict: Mapping[str, Tensor]) -> None:
+    """Check that ``config`` has the sizes the shapes of ``state_dict`` tell.
+
+    Raises:
+        ValueError: naming each size that differs.
+        UnsupportedModelError: for the keys of another model family.
+    """
+    stated = {name: getattr(config, name) for name in _SHAPE_FIELDS}
+    _check_agrees(stated, shape_fields(state_dict), what="the config")
+
+
+def _check_agrees(
+    stated: Mapping[str, Any], shapes: Mapping[str, Any], what: str = "the open_clip config"
+) -> None:
+    """Raise if the sizes a config states differ from those the weights' shapes tell."""
     wrong = []
     for name in _SHAPE_FIELDS:
-        said, found = stated[name], getattr(shapes, name)
+        if name not in shapes:  # a ResNet has no vision_mlp_ratio
+            continue
+        said, found = stated[name], shapes[name]
         if name.endswith("mlp_ratio"):
-            width = shapes.vision_width if name.startswith("vision") else shapes.transformer_width
+            width = shapes["vision_width" if name.startswith("vision") else "transformer_width"]
             same = mlp_width(width, said) == mlp_width(width, found)
         else:
             same = said == found
-        if not same and not (name == "vision_mlp_ratio" and not shapes.is_vit):
+        if not same:
             wrong.append(f"{name}: config {said!r}, weights {found!r}")
     if wrong:
         raise ValueError(
-            "the open_clip config does not describe these weights: "
+            f"{what} does not describe these weights: "
             + "; ".join(wrong)
             + ". Use the config file that came with the weights"
         )

@@ -20,9 +20,9 @@ from typing import Any, Optional, Union
 from torch import Tensor
 
 from clip.checkpoint import read_checkpoint, read_folder, saved_config
-from clip.config import CLIPConfig
+from clip.config import CLIPConfig, UnsupportedModelError
 from clip.download import MODELS, available_models, download
-from clip.folder import config_from_open_clip, find_weights, read_config_file
+from clip.folder import check_describes, config_from_open_clip, find_weights, read_config_file
 
 __all__ = ["HUB_PREFIX", "WeightsSource", "open_weights", "resolve_config"]
 
@@ -101,8 +101,28 @@ def _from_file(path: str, config: Optional[ConfigArg]) -> WeightsSource:
     if config is None:
         stored = saved_config(path)
         found = None if stored is None else config_from_open_clip(stored, state_dict)
+        if found is None:
+            found = _shapes_alone(path, state_dict)
         return WeightsSource(state_dict, found, is_archive, traceable=is_archive)
     return WeightsSource(state_dict, resolve_config(config, state_dict), is_archive, is_archive)
+
+
+def _shapes_alone(path: str, state_dict: Mapping[str, Tensor]) -> CLIPConfig:
+    """The configuration of weights without a config: shapes, and OpenAI's values for the rest.
+
+    Raises:
+        ValueError: if OpenAI's values do not fit the shapes (heads of 64 for an image tower
+            whose width is not a multiple of 64), saying to pass ``config=``.
+    """
+    try:
+        return CLIPConfig.from_state_dict(state_dict)
+    except UnsupportedModelError:
+        raise
+    except ValueError as e:
+        raise ValueError(
+            f"{path!r}: {e}. Weights not in OpenAI's exact architecture need their config: pass "
+            "config= (their open_clip_config.json, a registry name or a clip.config.CLIPConfig)"
+        ) from e
 
 
 def _is_registered(name: str) -> bool:
@@ -126,6 +146,8 @@ def _from_registry(name: str, root: Optional[str], config: Optional[ConfigArg]) 
             entry.hub_repo, cache_dir=root, weights=entry.filenames, config_required=False
         )
         state_dict, is_archive = read_checkpoint(fetched.weights)
+    if config is None:
+        check_describes(entry.config, state_dict)
     chosen = entry.config if config is None else resolve_config(config, state_dict)
     return WeightsSource(state_dict, chosen, is_archive)
 
@@ -147,7 +169,10 @@ def resolve_config(
     Raises:
         ValueError: if ``config`` is none of the above, or does not describe the weights.
     """
-    if config is None or isinstance(config, CLIPConfig):
+    if config is None:
+        return None
+    if isinstance(config, CLIPConfig):
+        check_describes(config, state_dict)
         return config
     if isinstance(config, Mapping):
         return config_from_open_clip(config, state_dict)
@@ -156,7 +181,9 @@ def resolve_config(
         if isinstance(config, str) and _is_registered(text):
             from clip import registry
 
-            return registry.get(text).config
+            found = registry.get(text).config
+            check_describes(found, state_dict)
+            return found
         path = os.path.expanduser(text)
         if os.path.isdir(path):
             path = os.path.join(path, "open_clip_config.json")
