@@ -22,6 +22,7 @@ from clip import registry
 from clip.cli import main
 from clip.config import CLIPConfig
 from clip.download import MODELS
+from clip.layers import mlp_width
 from clip.model import CLIP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +79,19 @@ def test_head_width_and_mlp_ratio_of_the_large_vits() -> None:
     h, g, big = (registry.get(n).config for n in ("ViT-H-14/dfn5b", "ViT-g-14/laion2b_s34b_b88k",
                                                    "ViT-bigG-14/laion2b_s39b_b160k"))  # fmt: skip
     assert (h.vision_head_width, h.vision_heads, h.vision_mlp_ratio) == (80, 16, 4.0)
-    assert (g.vision_head_width, g.vision_heads, g.vision_mlp_ratio) == (88, 16, 4.3637)
-    assert (big.vision_head_width, big.vision_heads, big.vision_mlp_ratio) == (104, 16, 4.9231)
+    # open_clip's ratios 4.3637 and 4.9231 build MLPs of 6144 and 8192; the config keeps the
+    # ratio that names those widths exactly.
+    assert (g.vision_head_width, g.vision_heads, mlp_width(1408, g.vision_mlp_ratio)) == (
+        88,
+        16,
+        6144,
+    )
+    assert (big.vision_head_width, big.vision_heads, mlp_width(1664, big.vision_mlp_ratio)) == (
+        104,
+        16,
+        8192,
+    )
+    assert round(g.vision_mlp_ratio, 3) == 4.364 and round(big.vision_mlp_ratio, 3) == 4.923
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
