@@ -5,7 +5,11 @@
   directory and imported as ``ref_clip`` (see ``bench_tokenizer.load_reference``);
 * ``open_clip`` — ``ViT-B-32-quickgelu`` / ``RN50-quickgelu``, which take OpenAI's keys unchanged;
 * ``hf`` — transformers' ``CLIPModel`` with the same configuration and SDPA attention, weights
-  renamed by :func:`hf_state_dict` (ViT only: transformers has no ModifiedResNet).
+  renamed by :func:`hf_state_dict` (ViT only: transformers has no ModifiedResNet);
+* ``onnxruntime`` — our ``clip.export_onnx`` files run in ``onnxruntime.InferenceSession`` with
+  default options but intra-op spinning off (CPU fp32 only; skipped when onnxruntime or the
+  exporter is missing, see :func:`onnxruntime_missing`). The text file always runs the full
+  context, as exported.
 
 Every peer exposes ``encode_image(images)`` and ``encode_text(ids)`` returning unnormalised
 embeddings, so the workloads time the same call everywhere.
@@ -167,14 +171,68 @@ def _pooled(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out.pooler_output
 
 
+def onnxruntime_missing() -> Optional[str]:
+    """Why the onnxruntime peer cannot run here, or None if it can."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        from clip.export import require_exporter
+
+        require_exporter()
+    except ImportError as e:
+        return f"onnxruntime peer skipped: {e}"
+    return None
+
+
+def session_options(spinning: bool = False) -> Any:
+    """onnxruntime's default session options, with ``torch.get_num_threads()`` intra-op threads
+    and, unless ``spinning``, idle threads that sleep (they would take CPU from torch's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def onnxruntime_peer(model: torch.nn.Module, directory: Path) -> Peer:
+    """Our ``clip.export_onnx`` files of ``model`` (written to ``directory``) in onnxruntime."""
+    import onnxruntime as ort
+
+    import clip
+
+    files = clip.export_onnx(model, directory)
+    cpu = ["CPUExecutionProvider"]
+    visual = ort.InferenceSession(str(files.visual), session_options(), providers=cpu)
+    textual = ort.InferenceSession(str(files.textual), session_options(), providers=cpu)
+
+    def encode_image(images: Tensor) -> Tensor:
+        return torch.from_numpy(visual.run(None, {"image": images.numpy()})[0])
+
+    def encode_text(ids: Tensor) -> Tensor:
+        return torch.from_numpy(textual.run(None, {"text": ids.long().numpy()})[0])
+
+    return Peer("onnxruntime", model, encode_image, encode_text)
+
+
 def build_all(
-    model_name: str, sd: dict[str, Tensor], ref: Any, device: str = "cpu", half: bool = False
+    model_name: str,
+    sd: dict[str, Tensor],
+    ref: Any,
+    device: str = "cpu",
+    half: bool = False,
+    tmp: Optional[Path] = None,
 ) -> list[Peer]:
-    """Every available implementation of ``model_name`` with weights ``sd``, ours first."""
+    """Every available implementation of ``model_name`` with weights ``sd``, ours first; the
+    onnxruntime peer on the CPU in fp32 when ``tmp`` (a folder for its files) is given."""
     arch = PUBLISHED[model_name][0]
     peers = [ours(sd, device, half), reference(ref, sd, device, half)]
     peers.append(open_clip_peer(model_name, sd, device, half))
     hf = hf_peer(arch, sd, device, half)
     if hf is not None:
         peers.append(hf)
+    if tmp is not None and device == "cpu" and not half and onnxruntime_missing() is None:
+        folder = tmp / f"onnx-{model_name.replace('/', '-')}"
+        peers.append(onnxruntime_peer(ours(sd, device, half).module, folder))
     return peers

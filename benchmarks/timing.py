@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-PEER_ORDER = ("clip", "reference", "open_clip", "hf")
+PEER_ORDER = ("clip", "reference", "open_clip", "hf", "onnxruntime")
 
 
 def sync(device: str) -> None:
@@ -97,3 +98,18 @@ def deviation(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, floa
     rel = ((a - e).abs().max() / e.abs().max()).item()
     cos = torch.nn.functional.cosine_similarity(a, e, dim=1).min().item()
     return rel, cos
+
+
+def write_section(path: Path, title: str, text: str) -> None:
+    """Replace the section that starts with the heading ``title`` in ``path`` by ``text`` (up to
+    the next ``## `` heading), or append it; atomically, the other sections kept."""
+    from clip.atomic import atomic_write
+
+    old = path.read_text() if path.exists() else ""
+    start = old.find(title)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(title))
+        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+    atomic_write(path, new.encode())

@@ -1,13 +1,18 @@
-"""ONNX export of CLIP's two towers (needs the optional ``onnx`` extra)."""
+"""ONNX export of CLIP's two towers (needs the optional ``onnx`` extra): :func:`export_onnx` for
+files to ship, :func:`export_tower` and :func:`fuse` for the sessions of :mod:`clip.onnxrt`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
+import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -17,7 +22,7 @@ from torch import Tensor, nn
 from clip.atomic import publish
 from clip.model import CLIP
 
-__all__ = ["OnnxFiles", "export_onnx"]
+__all__ = ["OnnxFiles", "export_onnx", "export_tower", "fuse", "require_exporter"]
 
 # Above this many bytes of weights a tower is saved with an external data file (protobuf's
 # 2 GiB limit), as ``<name>.onnx.data`` beside ``<name>.onnx``.
@@ -84,7 +89,7 @@ def export_onnx(
             (``pip install 'clip-torch[onnx]'`` installs what is missing).
         TypeError: if ``model`` is not a :class:`clip.model.CLIP`.
     """
-    _require_exporter()
+    require_exporter()
     if not isinstance(model, CLIP):
         raise TypeError(
             f"export_onnx needs a clip.model.CLIP, got {type(model).__name__}; "
@@ -102,7 +107,12 @@ def export_onnx(
     return OnnxFiles(visual, textual)
 
 
-def _require_exporter() -> None:
+def require_exporter() -> None:
+    """Raise ImportError, naming what to install, unless ONNX export is available.
+
+    Raises:
+        ImportError: if ``onnx`` or ``onnxscript`` is missing, or torch is older than 2.9.
+    """
     if tuple(int(p) for p in torch.__version__.split(".")[:2]) < _MIN_TORCH:
         raise ImportError(
             "clip.export_onnx needs torch>=2.9 (its torch.export-based ONNX exporter); this is "
@@ -158,3 +168,100 @@ def _export(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory / f"{name}.onnx"
+
+
+# --------------------------------------------------------------------------------------------
+# Towers for onnxruntime sessions (clip.onnxrt): dynamic dimensions, fusions
+# --------------------------------------------------------------------------------------------
+
+
+def export_tower(
+    module: nn.Module, example: Tensor, dims: dict[int, str], path: Path, *, max_length: int = 0
+) -> Path:
+    """Export ``module`` (one tensor in, one out) to ``path`` with the named dimensions dynamic.
+
+    Args:
+        module: the tower, in eval mode, fp32 on the CPU.
+        example: an example input (size ≥ 2 along each dynamic dimension).
+        dims: dynamic dimensions of the input, index → name; ``"length"`` is bounded by
+            ``max_length``.
+        path: the ``.onnx`` file to write (its weights beside it, as ``.onnx.data``, when large).
+        max_length: the largest ``"length"``.
+
+    Returns:
+        ``path``.
+    """
+    shapes = {
+        i: torch.export.Dim(name, max=max_length) if name == "length" else torch.export.Dim(name)
+        for i, name in dims.items()
+    }
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    # Not under torch.no_grad(): QuickGELU's inference path (in-place ops) exports as a pattern
+    # ONNX Runtime's QuickGelu fusion does not match.
+    with warnings.catch_warnings(), _quiet_logs(["onnxscript", "onnx_ir", "torch.onnx"]):
+        warnings.simplefilter("ignore")  # exporter chatter, not the caller's to fix
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_shapes={"x": shapes},
+            external_data=size > _EXTERNAL_DATA_BYTES,
+            verbose=False,
+        )
+    return path
+
+
+def fuse(path: Path, *, heads: int = 0, width: int = 0) -> dict[str, int]:
+    """Apply ONNX Runtime's transformer fusions to the graph at ``path``, in place.
+
+    Uses ``onnxruntime.transformers.optimizer`` with its CLIP fusions and no approximations
+    (``FastGelu`` stays off): LayerNorm, LayerNorm with its residual and bias add
+    (``SkipLayerNormalization``), QuickGELU and GELU, and attention where its pattern matches.
+
+    Args:
+        path: an exported ``.onnx`` file.
+        heads: attention heads of the tower (0: read from the graph).
+        width: its width (0: read from the graph).
+
+    Returns:
+        How many nodes of each fused operator the graph now holds.
+    """
+    import onnxruntime.transformers as package
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("clip")
+    options.enable_gelu_approximation = False  # tanh GELU: not exact
+    # The pass logs under its modules' own top-level names (fusion_attention, onnx_model...) and
+    # prints a failed shape inference on stdout: neither is the caller's.
+    names = ["onnxruntime", *(p.stem for p in Path(package.__file__).parent.glob("*.py"))]
+    with _quiet_logs(names), contextlib.redirect_stdout(io.StringIO()):
+        fused = optimize_model(
+            str(path),
+            model_type="clip",
+            num_heads=heads,
+            hidden_size=width,
+            optimization_options=options,
+            opt_level=0,  # the session applies ONNX Runtime's own levels
+        )
+        stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items()}
+        external = path.with_name(path.name + ".data")
+        large = external.exists()
+        fused.save_model_to_file(str(path), use_external_data_format=large)
+    return stats
+
+
+@contextlib.contextmanager
+def _quiet_logs(names: list[str]) -> Iterator[None]:
+    """Keep the named loggers' records below ERROR from reaching the caller's stderr."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

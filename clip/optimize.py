@@ -24,7 +24,12 @@ __all__ = ["compile_model", "optimize", "quantize_int8", "to_channels_last"]
 
 
 def optimize(
-    model: CLIP, *, compile: bool = False, channels_last: bool = False, int8: bool = False
+    model: CLIP,
+    *,
+    compile: bool = False,
+    channels_last: bool = False,
+    int8: bool = False,
+    onnxruntime: bool = False,
 ) -> CLIP:
     """Apply the chosen opt-in speed-ups to ``model`` in place.
 
@@ -41,13 +46,30 @@ def optimize(
             Approximate: on full-size models with random weights, image embeddings deviate by
             2-4e-2 relative to their largest value (cosine similarity to the exact embedding
             ≥ 0.999); CPU only.
+        onnxruntime: :func:`clip.onnxrt.use_onnxruntime` — ``encode_image`` and ``encode_text``
+            run through ONNX Runtime sessions (CPU, fp32), built now from the model's weights
+            (the export takes seconds to a minute); ``encode_text`` still runs only up to the
+            batch's last end-of-text token. Outputs equal the default within fp32 rounding
+            (relative ~1e-6). Calls with gradients, hooks or changed weights run in torch,
+            with one warning. Not combinable with the other opt-ins.
 
     Returns:
         The same ``model`` object.
 
     Raises:
-        ValueError: for ``channels_last`` on a ViT, or ``int8`` on a model off the CPU.
+        ValueError: for ``channels_last`` on a ViT, ``int8`` or ``onnxruntime`` on a model off
+            the CPU, or ``onnxruntime`` with another opt-in.
+        ImportError: for ``onnxruntime`` without the ``onnx`` extra installed.
     """
+    if onnxruntime:
+        if int8 or channels_last or compile:
+            raise ValueError(
+                "onnxruntime=True runs both towers in ONNX Runtime, so int8, channels_last and "
+                "compile (torch paths) do not apply: pick onnxruntime=True alone"
+            )
+        from clip.onnxrt import use_onnxruntime
+
+        return use_onnxruntime(model)
     if int8:
         quantize_int8(model)
     if channels_last:
