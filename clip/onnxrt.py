@@ -27,6 +27,7 @@ Copies of the model (``copy.deepcopy``, pickling, ``torch.save``) run in torch.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -295,34 +296,39 @@ class TowerSession:
         """Whether the exported graph takes ``x`` (else torch runs, and raises if it must)."""
         if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dtype != torch.float32:
             return False
-        if self.name == "visual":
-            return x.dim() == 4 and x.shape[0] > 0 and tuple(x.shape[1:]) == self.fixed
+        if self.name == "visual":  # at the tower's current resolution (a change warns, below)
+            side = getattr(self.module, "input_resolution", 0)
+            return x.dim() == 4 and x.shape[0] > 0 and tuple(x.shape[1:]) == (3, side, side)
         return x.dim() == 3 and x.shape[0] > 0 and x.shape[1] > 0 and x.shape[2:] == self.fixed
 
     def reason_for_torch(self, x: Tensor) -> Optional[str]:
         """Why this call must run in torch, or None when the session gives the same result."""
         modules = list(_walk(self.module))
         classes = {type(m) for m in modules}
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for m in modules for p in _params(m))
-        ):
+        # a hook, a method replaced on a class or an instance, a module class added since export
+        hooked = global_hooks_active() or any(self.code.get(c) != _functions(c) for c in classes)
+        hooked = hooked or any(
+            is_hooked(m) or not self.code[type(m)].names.isdisjoint(m.__dict__) for m in modules
+        )
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+        )
+        if needs_grad:
             return (
                 "gradients are on and the output needs them: call it under torch.no_grad() or "
                 "torch.inference_mode() to use onnxruntime"
             )
         if any(m.training for m in modules):
             return "the model is in training mode: call model.eval() to use onnxruntime"
-        patched = any(self.code.get(c) != _functions(c) for c in classes) or any(
-            not self.code[type(m)].names.isdisjoint(m.__dict__) for m in modules
-        )
-        if patched or global_hooks_active() or any(is_hooked(m) for m in modules):
+        if hooked:
             return "a hook or a patched method observes the tower: remove it to use onnxruntime"
         if _modes_active():
             return "a torch function or dispatch mode (e.g. FlopCounterMode) is active"
-        if _tensor_states(modules) != self.state:
+        if _tensor_states(modules) != self.state or x.shape[-len(self.fixed) :] != self.fixed:
             return (
-                "the tower's weights changed since its onnxruntime session was built: call "
-                "clip.optimize(model, onnxruntime=True) again to rebuild it"
+                "the tower's weights (or input resolution) changed since its onnxruntime "
+                "session was built: call clip.optimize(model, onnxruntime=True) again to rebuild it"
             )
         return None
 
@@ -354,12 +360,9 @@ def _walk(root: nn.Module) -> Iterator[nn.Module]:
         stack.extend(m for m in module._modules.values() if m is not None)
 
 
-def _params(module: nn.Module) -> Iterator[Tensor]:
-    return (p for p in module._parameters.values() if p is not None)
-
-
 def _tensor_states(modules: list[nn.Module]) -> tuple[tuple[int, int, int], ...]:
-    """Identity of every parameter's and buffer's current contents (object, storage, edits)."""
+    """Identity of every parameter's and buffer's contents (object, storage, in-place edits),
+    as :meth:`TowerSession.reason_for_torch` computes it."""
     states = []
     for module in modules:
         for tensors in (module._parameters, module._buffers):
@@ -377,7 +380,7 @@ def _tensor_states(modules: list[nn.Module]) -> tuple[tuple[int, int, int], ...]
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside clip and torch."""
-    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    inside = tuple(os.path.dirname(f) + os.sep for f in (__file__, torch.__file__ or ""))
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

@@ -189,8 +189,15 @@ def test_edited_weights_run_in_torch_until_optimized_again() -> None:
         assert_rel_close(model.encode_image(images), 2 * before, rel=1e-5)
         assert runs(model) == (1, 0)  # the new sessions' first run
         model.visual.proj = torch.nn.Parameter(model.visual.proj.detach().clone())
-        with pytest.warns(OnnxRuntimeFallbackWarning, match="weights changed"):
+        with pytest.warns(
+            OnnxRuntimeFallbackWarning, match=r"weights \(or input resolution\) changed"
+        ):
             model.encode_image(images)  # a replaced parameter is another tensor
+        model.resize_input(64)  # a new positional embedding, a new input shape
+        larger = torch.randn(2, 3, 64, 64)
+        want = copy.deepcopy(model).encode_image(larger)  # a copy runs in torch
+        assert_rel_close(model.encode_image(larger), want, rel=1e-5)
+        assert runs(model) == (1, 0)
 
 
 def test_sessions_follow_torch_thread_count(optimized: dict, no_fallback: None) -> None:
