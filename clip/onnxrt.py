@@ -97,7 +97,7 @@ def use_onnxruntime(
     _require_onnxruntime()
     _check_model(model, level)
     remove_onnxruntime(model)
-    owner = ModelSessions(model, level=level, spinning=spinning)
+    owner = ModelSessions(level=level, spinning=spinning)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # export what inference computes (BatchNorm statistics, no dropout)
     config = model.config
@@ -191,7 +191,7 @@ class ModelSessions:
     """What the sessions of one model share: the folder of exported files (removed with this
     object), the options, the one warning."""
 
-    def __init__(self, model: CLIP, *, level: str, spinning: bool) -> None:
+    def __init__(self, *, level: str, spinning: bool) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="clip-onnxruntime-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
         self.level = level
@@ -248,9 +248,9 @@ class TowerSession:
         self.session: Any = None
         self.threads = 0
         self.runs = 0  # calls the session served
-        self.modules = list(_walk(module))
-        self.code = {cls: _functions(cls) for cls in {type(m) for m in self.modules}}
-        self.state = _tensor_states(self.modules)
+        modules = list(_walk(module))
+        self.code = {cls: _functions(cls) for cls in {type(m) for m in modules}}
+        self.state = _tensor_states(modules)
         # the input's fixed sizes: [B, 3, R, R] images, or [L, N, D] text tokens
         side = getattr(module, "input_resolution", 0)
         self.fixed = (3, side, side) if name == "visual" else (getattr(module, "width", 0),)

@@ -253,6 +253,21 @@ def test_exported_files_are_removed_with_the_model() -> None:
     assert not folder.exists()
 
 
+def test_towers_over_the_protobuf_limit_keep_their_weights_beside_the_graph(
+    monkeypatch: pytest.MonkeyPatch, no_fallback: None
+) -> None:
+    import clip.export
+
+    monkeypatch.setattr(clip.export, "_EXTERNAL_DATA_BYTES", 0)  # as if over 1.5 GB
+    model = use_onnxruntime(fresh("tiny-vit"), text=False)
+    folder = model.visual._compiled_call_impl.owner.directory
+    assert sorted(p.name for p in folder.iterdir()) == ["visual.onnx", "visual.onnx.data"]
+    images = sample_images(TINY["tiny-vit"], 2)
+    with torch.no_grad():
+        assert_rel_close(model.encode_image(images), fresh("tiny-vit").encode_image(images))
+    assert model.visual._compiled_call_impl.runs == 1
+
+
 def test_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     half = fresh("tiny-vit")
     convert_weights(half)
