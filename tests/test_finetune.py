@@ -161,11 +161,16 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
 
 
-def test_an_out_folder_with_other_files_is_refused(tmp_path: Path, tiny: Path, data: Path) -> None:
+def test_an_out_folder_with_other_files_or_a_file_is_refused(
+    tmp_path: Path, tiny: Path, data: Path
+) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(RunMismatchError, match=r"holds no finetune\.json"):
         finetune(options(data, tiny, tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    with pytest.raises(RunMismatchError, match="is a file; give a folder"):
+        finetune(options(data, tiny, tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # ---- resume ----------------------------------------------------------------------------------
