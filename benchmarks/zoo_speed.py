@@ -149,19 +149,19 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_section(Path(args.out), text)
+        write_section(Path(args.out), text, SECTION)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the zoo section of the results file, atomically."""
+def write_section(path: Path, text: str, heading: str) -> None:
+    """Replace (or append) the section under ``heading`` of the results file, atomically."""
     from clip.atomic import atomic_write
 
     old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION)
+    start = old.find(heading)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(heading))
         new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
     atomic_write(path, new.encode())
 

@@ -1,8 +1,10 @@
-"""Command line: ``clip embed``, ``clip classify``, ``clip models`` and ``clip evaluate``.
+"""Command line: ``clip embed``, ``clip classify``, ``clip models``, ``clip evaluate`` and
+``clip finetune``.
 
 A thin layer over :mod:`clip.pipeline`, :func:`clip.load` and the registry; ``embed`` and
 ``classify`` live in :mod:`clip.cli_embed` and :mod:`clip.cli_classify`, ``models`` in
-:mod:`clip.cli_models`, ``evaluate`` in :mod:`clip.cli_evaluate`. This is the only module that
+:mod:`clip.cli_models`, ``evaluate`` in :mod:`clip.cli_evaluate`, ``finetune`` in
+:mod:`clip.cli_finetune`. This is the only module that
 prints. Exit codes:
 
 * 0 — success, even if some images were unreadable (they are listed on stderr); for ``embed``,
@@ -32,6 +34,7 @@ from clip.cli_common import (
 )
 from clip.cli_embed import add_embed_parser, run_embed
 from clip.cli_evaluate import add_evaluate_parser, run_evaluate
+from clip.cli_finetune import add_finetune_parser, run_finetune
 from clip.cli_models import add_models_parser, run_models
 
 __all__ = [
@@ -56,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     add_classify_parser(sub)
     add_models_parser(sub)
     add_evaluate_parser(sub)
+    add_finetune_parser(sub)
     return parser
 
 
@@ -87,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_embed(args, err)
         if args.command == "evaluate":
             return run_evaluate(args, out, err)
+        if args.command == "finetune":
+            return run_finetune(args, out, err)
         return run_classify(args, out, err)
     except UsageError as e:
         err(f"clip {args.command}: error: {e}")

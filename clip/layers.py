@@ -17,8 +17,9 @@ from typing import Any, Optional, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
+
+from clip.checkpointing import checkpointed
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,7 +30,6 @@ __all__ = [
     "activation_layer",
     "any_hooked",
     "causal_mask",
-    "checkpointed",
     "global_hooks_active",
     "is_hooked",
     "layer_indices",
@@ -83,34 +83,6 @@ def activation_layer(name: str) -> nn.Module:
 def mlp_width(width: int, mlp_ratio: float) -> int:
     """Hidden width of a block's MLP: ``int(width * mlp_ratio)``, as open_clip computes it."""
     return int(width * mlp_ratio)
-
-
-def checkpointed(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` with activation checkpointing: its activations are not kept for backward but
-    recomputed then, trading compute for memory.
-
-    BatchNorm running statistics are updated once, by the forward pass: the recomputation runs
-    with them saved and restored, so a checkpointed ResNet stage trains exactly as an unchecked
-    one.
-    """
-    calls = 0
-
-    def run(inp: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return module(inp)
-        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [[b.clone() for b in m.buffers()] for m in norms]
-        try:
-            return module(inp)
-        finally:
-            with torch.no_grad():
-                for m, copies in zip(norms, saved):
-                    for b, c in zip(m.buffers(), copies):
-                        b.copy_(c)
-
-    return checkpoint(run, x, use_reentrant=False)
 
 
 def causal_mask(length: int) -> Tensor:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clip.layers import LayerNorm, Transformer, checkpointed, layer_indices
+from clip.checkpointing import checkpointed
+from clip.layers import LayerNorm, Transformer, layer_indices
 
 __all__ = ["AttentionPool2d", "Bottleneck", "ModifiedResNet", "VisionTransformer"]
 

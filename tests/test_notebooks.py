@@ -26,7 +26,11 @@ import clip
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 KERNEL_NAME = "clip-tests-python"
-NOTEBOOK_NAMES = ["Interacting_with_CLIP.ipynb", "Prompt_Engineering_for_ImageNet.ipynb"]
+NOTEBOOK_NAMES = [
+    "Interacting_with_CLIP.ipynb",
+    "Prompt_Engineering_for_ImageNet.ipynb",
+    "Fine_tuning_CLIP.ipynb",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,7 @@ def notebook_env(
     monkeypatch.setenv("PYTHONPATH", pythonpath)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend makes PNGs
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    monkeypatch.delenv("CLIP_FINETUNE_DATA", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     return tmp_path
 
@@ -118,6 +123,18 @@ def test_prompt_engineering_for_imagenet(
     assert "1000 classes" in text and "80 templates" in text
     assert "evaluated 6 images" in text
     assert "top-1" in text and "top-5" in text
+
+
+def test_fine_tuning_clip(kernel_specs: KernelSpecManager, notebook_env: Path) -> None:
+    notebook = execute(NOTEBOOKS / NOTEBOOK_NAMES[2], kernel_specs, notebook_env)
+    assert figure_count(notebook) >= 2, "the training loss and the WiSE-FT sweep"
+    text = text_of(notebook)
+    assert "64 training and 32 test images" in text  # the synthetic data set
+    assert "zero-shot top-1 before fine-tuning" in text
+    assert "zero-shot top-1 after fine-tuning" in text
+    assert "WiSE-FT alpha=0.50" in text and "linear probe top-1" in text
+    run = notebook_env / "fine_tuning_clip" / "finetuned"
+    assert clip.load(str(run), device="cpu")[0].visual.input_resolution == 32
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
