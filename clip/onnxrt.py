@@ -19,10 +19,12 @@ replaced, moved or cast) since the sessions were built. Calls ONNX Runtime's gra
 ``encode_*_layers``, ``*_attention``) run in torch, as before, except ``encode_text_tokens``, whose
 transformer call is served by the text session like ``encode_text``'s.
 
-Costs: the export takes seconds to a minute (ViT-B/32: ~45 s on 2 cores), the sessions hold their
-own copy of the weights beside the model's, and the exported files stay in a temporary folder for
-the life of the model (a session is rebuilt from them when ``torch.get_num_threads()`` changes).
-Copies of the model (``copy.deepcopy``, pickling, ``torch.save``) run in torch.
+Costs: the first export of a tower takes seconds to a minute (ViT-B/32: ~30 s on 2 cores); the
+exported files are cached on disk by weights, code and versions (:mod:`clip.onnxrt_cache`,
+``$CLIP_CACHE_DIR/onnxruntime``, about the size of the fp32 weights), so a later process with the
+same model builds its sessions in seconds. The sessions hold their own copy of the weights beside
+the model's, and are rebuilt from the files when ``torch.get_num_threads()`` changes. Copies of
+the model (``copy.deepcopy``, pickling, ``torch.save``) run in torch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from clip.export import export_tower, fuse, require_exporter
 from clip.layers import global_hooks_active, is_hooked
 from clip.model import CLIP, ModifiedResNet
+from clip.onnxrt_cache import ExportCache, tower_key
 
 __all__ = [
     "LEVELS",
@@ -68,6 +71,7 @@ def use_onnxruntime(
     level: str = "all",
     fusions: bool = True,
     spinning: bool = False,
+    cache: Union[bool, str, os.PathLike[str]] = True,
 ) -> CLIP:
     """Run ``model``'s image tower and text transformer through ONNX Runtime, in place.
 
@@ -82,6 +86,10 @@ def use_onnxruntime(
             LayerNorm with its residual add, QuickGELU/GELU) to the exported graphs first.
         spinning: let ONNX Runtime's idle worker threads spin (lower latency, but they take CPU
             from whatever else runs, e.g. image decoding or torch's own threads).
+        cache: keep the exported towers on disk, so that the next process with the same
+            weights skips the export (:mod:`clip.onnxrt_cache`): True for
+            ``$CLIP_CACHE_DIR/onnxruntime`` (default ``~/.cache/clip/onnxruntime``), a folder,
+            or False to export into a temporary folder removed with the model.
 
     Returns:
         The same ``model`` object.
@@ -98,6 +106,7 @@ def use_onnxruntime(
     _check_model(model, level)
     remove_onnxruntime(model)
     owner = ModelSessions(level=level, spinning=spinning)
+    store = None if cache is False else ExportCache(None if cache is True else cache)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # export what inference computes (BatchNorm statistics, no dropout)
     config = model.config
@@ -115,17 +124,49 @@ def use_onnxruntime(
     try:
         sessions = []
         for module, example, dims, name, heads, width in towers:
-            path = owner.directory / f"{name}.onnx"
-            export_tower(module, example, dims, path, max_length=model.context_length)
-            if fusions:
-                owner.fused[name] = fuse(path, heads=heads, width=width)
-            sessions.append(TowerSession(owner, module, path, name))
+            export = _Export(module, example, dims, name, heads, width, model.context_length)
+            export.fusions = fusions
+            key = None if store is None else tower_key(module, export.settings())
+            if store is None or key is None:
+                folder, info = owner.directory, export(owner.directory)
+            else:
+                folder, info = store.get(key, export)
+            owner.fused[name] = info["fused"]
+            sessions.append(TowerSession(owner, module, folder / f"{name}.onnx", name))
     finally:
         for module, mode in modes:
             module.training = mode
     for session in sessions:
         session.install()
     return model
+
+
+class _Export:
+    """Exports one tower (and fuses it) into a folder: what :class:`ExportCache` builds."""
+
+    def __init__(
+        self, module: nn.Module, example: Tensor, dims: dict[int, str], name: str, *sizes: int
+    ) -> None:
+        self.module, self.example, self.dims, self.name = module, example, dims, name
+        self.heads, self.width, self.max_length = sizes
+        self.fusions = True
+
+    def settings(self) -> dict[str, Any]:
+        """What the graph depends on besides the module: part of its cache key."""
+        shape = list(self.example.shape)
+        sizes = [self.heads, self.width, self.max_length]
+        return {
+            "tower": self.name,
+            "example": shape,
+            "dims": self.dims,
+            "sizes": sizes,
+            "fusions": self.fusions,
+        }
+
+    def __call__(self, folder: Path) -> dict[str, Any]:
+        path = folder / f"{self.name}.onnx"
+        export_tower(self.module, self.example, self.dims, path, max_length=self.max_length)
+        return {"fused": fuse(path, heads=self.heads, width=self.width) if self.fusions else {}}
 
 
 def remove_onnxruntime(model: CLIP) -> CLIP:
@@ -192,12 +233,19 @@ class ModelSessions:
     object), the options, the one warning."""
 
     def __init__(self, *, level: str, spinning: bool) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="clip-onnxruntime-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.directory, True)
+        self._directory: Optional[Path] = None
         self.level = level
         self.spinning = spinning
         self.fused: dict[str, dict[str, int]] = {}
         self.warned = False
+
+    @property
+    def directory(self) -> Path:
+        """A temporary folder for towers exported without the cache, removed with this object."""
+        if self._directory is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="clip-onnxruntime-"))
+            weakref.finalize(self, shutil.rmtree, self._directory, True)
+        return self._directory
 
     def warn_once(self, what: str, reason: str) -> None:
         if self.warned:
@@ -286,7 +334,15 @@ class TowerSession:
         if reason is not None:
             self.owner.warn_once(self.what, reason)
             return self.module._call_impl(*args, **kwargs)
-        session = self.ensure_session()
+        try:
+            session = self.ensure_session()
+        except Exception as e:  # rebuilt for another thread count from files since deleted
+            reason = (
+                f"its session could not be rebuilt from {self.path} ({type(e).__name__}): call "
+                "clip.optimize(model, onnxruntime=True) again"
+            )
+            self.owner.warn_once(self.what, reason)
+            return self.module._call_impl(*args, **kwargs)
         array = x.detach().contiguous().numpy()
         out = torch.from_numpy(session.run(["y"], {"x": array})[0])
         self.runs += 1

@@ -61,6 +61,15 @@ def runs(model: CLIP) -> tuple[int, int]:
     return visual.runs, text.runs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This module's own ONNX Runtime export cache ($CLIP_CACHE_DIR/onnxruntime)."""
+    root = tmp_path_factory.mktemp("clip-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIP_CACHE_DIR", str(root))
+        yield root / "onnxruntime"
+
+
 @pytest.fixture(scope="module")
 def optimized() -> dict[str, CLIP]:
     """Each model optimised once (an export takes seconds); tests that change one use their own."""
@@ -243,9 +252,9 @@ def test_empty_batches_run_in_torch_silently(optimized: dict, no_fallback: None)
     assert runs(model) == before
 
 
-def test_exported_files_are_removed_with_the_model() -> None:
-    model = use_onnxruntime(fresh("tiny-rn"), text=False, fusions=False)
-    folder = model.visual._compiled_call_impl.owner.directory
+def test_uncached_exports_are_removed_with_the_model() -> None:
+    model = use_onnxruntime(fresh("tiny-rn"), text=False, fusions=False, cache=False)
+    folder = model.visual._compiled_call_impl.path.parent
     assert [p.name for p in folder.iterdir()] == ["visual.onnx"]
     assert model.transformer._compiled_call_impl is None
     del model
@@ -259,8 +268,8 @@ def test_towers_over_the_protobuf_limit_keep_their_weights_beside_the_graph(
     import clip.export
 
     monkeypatch.setattr(clip.export, "_EXTERNAL_DATA_BYTES", 0)  # as if over 1.5 GB
-    model = use_onnxruntime(fresh("tiny-vit"), text=False)
-    folder = model.visual._compiled_call_impl.owner.directory
+    model = use_onnxruntime(fresh("tiny-vit"), text=False, cache=False)
+    folder = model.visual._compiled_call_impl.path.parent
     assert sorted(p.name for p in folder.iterdir()) == ["visual.onnx", "visual.onnx.data"]
     images = sample_images(TINY["tiny-vit"], 2)
     with torch.no_grad():
