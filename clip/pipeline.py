@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from PIL import Image
@@ -31,17 +31,12 @@ from clip.data.embed import (
     model_device,
     uint8_transform,
 )
-from clip.data.extract import ExtractKeywords
 from clip.data.write import load_embeddings, rows_file, save_embeddings
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "EmbeddedImages",
     "ImageBatch",
-    "ImageBatchKeywords",
     "embed_images",
     "embed_texts",
     "embedding_width",
@@ -56,13 +51,6 @@ __all__ = [
 
 Transform = Callable[[Image.Image], torch.Tensor]
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class ImageBatchKeywords(ExtractKeywords, total=False):
-    """The keywords of :func:`iter_image_batches`, which :func:`embed_images` passes on."""
-
-    preprocess: Optional[Transform]
-    fast_decode: bool
 
 
 @dataclass
@@ -129,8 +117,7 @@ def iter_image_batches(
     fast_decode: bool = False,
     progress: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Like :func:`embed_images` (these are its keywords), but yield each batch's result as soon
-    as it is ready.
+    """Like :func:`embed_images`, but yield each batch's result as soon as it is ready.
 
     Batches come in input order; stopping the iteration early stops the workers.
     """
@@ -172,7 +159,13 @@ def _collate(
 def embed_images(
     model: torch.nn.Module,
     paths: Union[PathLike, Sequence[PathLike]],
-    **options: Unpack[ImageBatchKeywords],
+    *,
+    preprocess: Optional[Transform] = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    fast_decode: bool = False,
+    progress: bool = False,
 ) -> EmbeddedImages:
     """Embed image files into L2-normalised float32 vectors, skipping files that cannot be read.
 
@@ -185,20 +178,17 @@ def embed_images(
         model: a CLIP model (eager or traced), already on its device.
         paths: image files (or URLs), embedded in this order (see :func:`find_images`); a single
             ``str`` or ``Path`` is one image.
-        options: keywords, all optional (:class:`ImageBatchKeywords`):
-
-            - ``preprocess``: PIL image → [3, R, R] tensor; default the model's own
-              preprocessing (``model.config.preprocess``: mean, std, resize mode; OpenAI's for a
-              model without a config) at ``model.visual.input_resolution``.
-            - ``batch_size``: images per forward pass (default 64).
-            - ``num_workers``: DataLoader worker processes (default 0: decode in this process).
-            - ``device``: where images go; default the device of the model's parameters.
-            - ``fast_decode``: decode large JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that
-              still covers the model input after the resize. Much faster on photos far larger
-              than the model input; NOT bit-exact (pixels differ slightly from a full decode +
-              bicubic resize). Files other than JPEG, and JPEGs under twice the input size, are
-              unaffected.
-            - ``progress``: show a tqdm progress bar (stderr).
+        preprocess: PIL image → [3, R, R] tensor; default the model's own preprocessing
+            (``model.config.preprocess``: mean, std, resize mode; OpenAI's for a model without
+            a config) at ``model.visual.input_resolution``.
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes (0: decode in this process).
+        device: where images go; default the device of the model's parameters.
+        fast_decode: decode large JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers
+            the model input after the resize. Much faster on photos far larger than
+            the model input; NOT bit-exact (pixels differ slightly from a full decode + bicubic
+            resize). Files other than JPEG, and JPEGs under twice the input size, are unaffected.
+        progress: show a tqdm progress bar (stderr).
 
     Returns:
         :class:`EmbeddedImages` with ``embeddings`` [N, D], ``paths`` and ``failed``.
@@ -206,7 +196,18 @@ def embed_images(
     Raises:
         ValueError: if ``batch_size`` < 1 or ``num_workers`` < 0.
     """
-    batches = list(iter_image_batches(model, paths, **options))
+    batches = list(
+        iter_image_batches(
+            model,
+            paths,
+            preprocess=preprocess,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            fast_decode=fast_decode,
+            progress=progress,
+        )
+    )
     return EmbeddedImages(
         torch.cat([empty(model), *(b.embeddings for b in batches)]),
         [p for b in batches for p in b.paths],
