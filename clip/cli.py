@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 from clip.cli_classify import add_classify_parser, run_classify
-from clip.cli_common import (
+from clip.cli_common import (  # noqa: F401 (EXIT_OK, Printer: re-exported, see CLI_NAMES)
+    CLI_NAMES,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -37,15 +38,7 @@ from clip.cli_evaluate import add_evaluate_parser, run_evaluate
 from clip.cli_finetune import add_finetune_parser, run_finetune
 from clip.cli_models import add_models_parser, run_models
 
-__all__ = [
-    "EXIT_FAILURE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "Printer",
-    "UsageError",
-    "main",
-]
+__all__ = [*CLI_NAMES, "main"]
 
 
 def _parser() -> argparse.ArgumentParser:

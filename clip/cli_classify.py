@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -11,13 +11,14 @@ from clip import pipeline
 from clip.cli_common import (
     EXIT_FAILURE,
     EXIT_OK,
+    Printer,
     UsageError,
     add_common_options,
-    default_workers,
+    batch_options,
     find_images,
     load_model,
     positive_int,
-    show_progress,
+    report_skipped,
 )
 
 __all__ = ["add_classify_parser", "run_classify"]
@@ -43,25 +44,16 @@ def add_classify_parser(sub: Any) -> None:
 
 
 @torch.no_grad()
-def run_classify(
-    args: argparse.Namespace, out: Callable[[str], None], err: Callable[[str], None]
-) -> int:
+def run_classify(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     """Run ``clip classify``: labels on ``out``, problems on ``err``; return the exit code."""
     labels = _labels(args)
-    args.workers = default_workers() if args.workers is None else args.workers
     paths = find_images(args.images)
     model = load_model(args)
     classifier, names = _classifier(model, labels, args)  # [D, C]
     scale = torch.as_tensor(model.logit_scale).detach().float().exp().cpu()
     failed: list[tuple[str, str]] = []
     any_ok = False
-    for batch in pipeline.iter_image_batches(
-        model,
-        paths,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        progress=show_progress(args),
-    ):
+    for batch in pipeline.iter_image_batches(model, paths, **batch_options(args)):
         failed.extend(batch.failed)
         if not batch.paths:
             continue
@@ -70,8 +62,7 @@ def run_classify(
         top = probs.topk(min(args.top_k, len(names)), dim=-1)
         for path, values, indices in zip(batch.paths, top.values.tolist(), top.indices.tolist()):
             out(f"{path}: " + ", ".join(f"{names[i]} {p:.3f}" for p, i in zip(values, indices)))
-    for path, reason in failed:
-        err(f"clip: skipped {path}: {reason}")
+    report_skipped(err, failed)
     return EXIT_OK if any_ok else EXIT_FAILURE
 
 

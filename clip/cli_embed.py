@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -17,8 +17,10 @@ from clip.cli_common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    Printer,
     UsageError,
     add_common_options,
+    batch_options,
     default_workers,
     find_images,
     load_model,
@@ -125,7 +127,7 @@ def add_embed_parser(sub: Any) -> None:
     )
 
 
-def run_embed(args: argparse.Namespace, err: Callable[[str], None]) -> int:
+def run_embed(args: argparse.Namespace, err: Printer) -> int:
     """Run ``clip embed``; tell progress and problems on ``err``; return the exit code."""
     if bool(args.inputs) == bool(args.text):
         raise UsageError("give image PATHs or --text CAPTIONS.txt (one of the two)")
@@ -163,7 +165,7 @@ def _refuse_unused(args: argparse.Namespace) -> None:
         )
 
 
-def _embed_one_file(args: argparse.Namespace, err: Callable[[str], None]) -> int:
+def _embed_one_file(args: argparse.Namespace, err: Printer) -> int:
     key_name = "text" if args.text else "path"
     inputs = _captions(args.text) if args.text else find_images(args.inputs)
     if os.path.splitext(args.out)[1].lower() not in (".npy", ".parquet"):
@@ -235,7 +237,7 @@ def _sharded(args: argparse.Namespace) -> bool:
     return not single
 
 
-def _embed_shards(args: argparse.Namespace, err: Callable[[str], None]) -> int:
+def _embed_shards(args: argparse.Namespace, err: Printer) -> int:
     from clip import distributed
 
     try:
@@ -296,12 +298,7 @@ def _embed_image_files(
     """Embed, keeping every finished batch if interrupted: (keys, embeddings, failed, stopped)."""
     batches: list[pipeline.ImageBatch] = []
     stream = pipeline.iter_image_batches(
-        model,
-        paths,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        fast_decode=args.fast_decode,
-        progress=show_progress(args),
+        model, paths, fast_decode=args.fast_decode, **batch_options(args)
     )
     try:
         batches.extend(stream)
@@ -339,9 +336,7 @@ def _embed_texts(
     return fits, embeddings, failed, False
 
 
-def _report(
-    args: argparse.Namespace, err: Callable[[str], None], n_new: int, n_old: int, failed: list
-) -> None:
+def _report(args: argparse.Namespace, err: Printer, n_new: int, n_old: int, failed: list) -> None:
     what = "captions" if args.text else "images"
     kept = f" ({n_old} already there)" if n_old else ""
     say(args, err, f"embedded {n_new} {what} into {args.out}{kept}")

@@ -10,24 +10,24 @@ import argparse
 import json
 import os
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from clip import evaluate
 from clip.cli_common import (
     EXIT_OK,
+    Printer,
     UsageError,
     add_common_options,
-    default_workers,
+    add_pairs_column_options,
+    batch_options,
     load_model,
-    show_progress,
+    report_skipped,
 )
 from clip.data import fs
 from clip.data.imagefolder import ImageFolder, read_image_folder
-from clip.data.pairs import CAPTION_COLUMN, IMAGE_COLUMN, Pairs, read_pairs
+from clip.data.pairs import Pairs, read_pairs
 
 __all__ = ["add_evaluate_parser", "run_evaluate"]
-
-Printer = Callable[[str], None]
 
 
 def add_evaluate_parser(sub: Any) -> None:
@@ -75,14 +75,7 @@ def add_evaluate_parser(sub: Any) -> None:
         ),
     )
     r.add_argument("pairs", nargs="+", metavar="PAIRS", help="a table, or .tar shards")
-    r.add_argument(
-        "--image-column", default=IMAGE_COLUMN, help=f"table column of image paths ({IMAGE_COLUMN})"
-    )
-    r.add_argument(
-        "--caption-column",
-        default=CAPTION_COLUMN,
-        help=f"table column of captions ({CAPTION_COLUMN})",
-    )
+    add_pairs_column_options(r)
     r.add_argument(
         "--truncate", action="store_true", help="cut captions longer than the model's context"
     )
@@ -109,20 +102,11 @@ def run_evaluate(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     """Run ``clip evaluate TASK``: the table on ``out``, problems on ``err``; the exit code."""
     if args.json and (os.path.isdir(args.json) or args.json.endswith(("/", os.sep))):
         raise UsageError(f"--json names a file to write, got the folder {args.json!r}")
-    args.workers = default_workers() if args.workers is None else args.workers
     if args.task == "zeroshot":
         return _zeroshot(args, out, err)
     if args.task == "retrieval":
         return _retrieval(args, out, err)
     return _linear_probe(args, out, err)
-
-
-def _options_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "batch_size": args.batch_size,
-        "num_workers": args.workers,
-        "progress": show_progress(args),
-    }
 
 
 def _folder(path: str) -> ImageFolder:
@@ -172,9 +156,9 @@ def _zeroshot(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     templates = _templates(args.templates)
     model = load_model(args)
     result = evaluate.evaluate_zeroshot(
-        model, listing, classnames=names, templates=templates, **_options_of(args)
+        model, listing, classnames=names, templates=templates, **batch_options(args)
     )
-    _failed(err, result.failed)
+    report_skipped(err, result.failed)
     _write_json(args, result.to_json(), folder=listing.root)
     counts = f"{result.images} images, {len(result.classes)} classes"
     out(f"zero-shot: {counts}, {result.templates} templates")
@@ -194,8 +178,10 @@ def _retrieval(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     for sample, why in pairs.skipped:
         err(f"clip: skipped sample {sample}: {why}")
     model = load_model(args)
-    result = evaluate.evaluate_retrieval(model, pairs, truncate=args.truncate, **_options_of(args))
-    _failed(err, result.failed)
+    result = evaluate.evaluate_retrieval(
+        model, pairs, truncate=args.truncate, **batch_options(args)
+    )
+    report_skipped(err, result.failed)
     _write_json(args, result.to_json(), pairs=args.pairs)
     out(f"retrieval: {result.images} images, {result.captions} captions")
     ks = list(result.image_to_text)
@@ -226,8 +212,8 @@ def _linear_probe(args: argparse.Namespace, out: Printer, err: Printer) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     model = load_model(args)
-    result = evaluate.evaluate_linear_probe(model, train, test, **_options_of(args))
-    _failed(err, result.failed)
+    result = evaluate.evaluate_linear_probe(model, train, test, **batch_options(args))
+    report_skipped(err, result.failed)
     _write_json(args, result.to_json(), train=train.root, test=test.root)
     out(
         f"linear probe: {len(result.classes)} classes, {result.train_images} training images, "
@@ -240,11 +226,6 @@ def _linear_probe(args: argparse.Namespace, out: Printer, err: Printer) -> int:
 
 def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def _failed(err: Printer, failed: list[tuple[str, str]]) -> None:
-    for name, reason in failed:
-        err(f"clip: skipped {name}: {reason}")
 
 
 def _write_json(args: argparse.Namespace, result: dict[str, Any], **inputs: Any) -> None:

@@ -10,19 +10,24 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
-from typing import Any, Callable
+from typing import Any
 
 from clip.cli_common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    Printer,
     UsageError,
-    default_workers,
+    add_batch_size_option,
+    add_cache_and_quiet_options,
+    add_device_option,
+    add_pairs_column_options,
+    add_workers_option,
     non_negative_int,
     positive_float,
     positive_int,
+    resolve_workers,
     show_progress,
 )
-from clip.data.pairs import CAPTION_COLUMN, IMAGE_COLUMN
 from clip.finetune import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECKPOINT_EVERY,
@@ -36,8 +41,6 @@ from clip.optim import BETAS, DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_WEIGHT_DECAY, 
 from clip.precision import PRECISIONS
 
 __all__ = ["add_finetune_parser", "run_finetune"]
-
-Printer = Callable[[str], None]
 
 
 def _sci(x: float) -> str:
@@ -92,10 +95,9 @@ def add_finetune_parser(sub: Any) -> None:
         metavar="N",
         help=f"passes over TRAIN ({DEFAULT_EPOCHS})",
     )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=DEFAULT_BATCH_SIZE,
+    add_batch_size_option(
+        p,
+        DEFAULT_BATCH_SIZE,
         metavar="B",
         help=f"pairs per step per process ({DEFAULT_BATCH_SIZE})",
     )
@@ -132,21 +134,9 @@ def add_finetune_parser(sub: Any) -> None:
     p.add_argument(
         "--lock-image", action="store_true", help="freeze the image tower (LiT); train the text"
     )
-    p.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument(
-        "--image-column", default=IMAGE_COLUMN, help=f"table column of image paths ({IMAGE_COLUMN})"
-    )
-    p.add_argument(
-        "--caption-column",
-        default=CAPTION_COLUMN,
-        help=f"table column of captions ({CAPTION_COLUMN})",
-    )
-    p.add_argument(
-        "--workers",
-        type=non_negative_int,
-        metavar="N",
-        help=f"image decoding processes ({default_workers()})",
-    )
+    add_device_option(p, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    add_pairs_column_options(p)
+    add_workers_option(p, what="image decoding processes")
     p.add_argument("--seed", type=non_negative_int, default=0, help="of the epochs' orders (0)")
     p.add_argument(
         "--checkpoint-every",
@@ -161,10 +151,7 @@ def add_finetune_parser(sub: Any) -> None:
         metavar="X",
         help="clip the gradients' global norm to X (default: no clipping)",
     )
-    p.add_argument(
-        "--cache-dir", metavar="DIR", help="where named models are downloaded (~/.cache/clip)"
-    )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    add_cache_and_quiet_options(p)
 
 
 def _non_negative_float(text: str) -> float:
@@ -196,7 +183,7 @@ def run_finetune(args: argparse.Namespace, out: Printer, err: Printer) -> int:
         device=args.device,
         image_column=args.image_column,
         caption_column=args.caption_column,
-        workers=default_workers() if args.workers is None else args.workers,
+        workers=resolve_workers(args),
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         max_grad_norm=args.max_grad_norm,

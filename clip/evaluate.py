@@ -22,13 +22,19 @@ Definitions:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
 from clip.data.discover import PathLike
-from clip.data.extract import ImageFeatures, image_features
+from clip.data.extract import (
+    ExtractKeywords,
+    ExtractOptions,
+    ImageFeatures,
+    extract_options,
+    image_features,
+)
 from clip.data.imagefolder import ImageFolder, read_image_folder
 from clip.data.pairs import CAPTION_COLUMN, IMAGE_COLUMN, Pairs, read_pairs
 from clip.metrics import RECALL_KS, recall_at_k, topk_correct
@@ -36,10 +42,15 @@ from clip.pipeline import embed_texts
 from clip.tokenizer import tokenize
 from clip.zeroshot import Template, zero_shot_classifier
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "RECALL_KS",
+    "ExtractOptions",
     "ImageFeatures",
     "LinearProbeResult",
+    "ProbeKeywords",
     "RetrievalResult",
     "ZeroShotResult",
     "check_probe_folders",
@@ -101,10 +112,8 @@ def evaluate_zeroshot(
     *,
     classnames: Optional[Sequence[str]] = None,
     templates: Optional[Sequence[Template]] = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[Device] = None,
-    progress: bool = False,
+    options: Optional[ExtractOptions] = None,
+    **keywords: Unpack[ExtractKeywords],
 ) -> ZeroShotResult:
     """Zero-shot accuracy on an ImageFolder (see the module docstring).
 
@@ -114,10 +123,9 @@ def evaluate_zeroshot(
         classnames: one name per class folder, in sorted folder order; default the folder
             names with ``_`` as spaces.
         templates: prompt templates; default ``clip.imagenet_templates`` (80).
-        batch_size: images (and prompts) per forward pass.
-        num_workers: image decoding processes.
-        device: where batches go; default the model's device.
-        progress: show tqdm bars.
+        options, keywords: batch size, decoding workers, device and progress bars, as
+            :func:`clip.data.extract.image_features` takes them; prompts are embedded in
+            batches of the same size.
 
     Returns:
         :class:`ZeroShotResult`.
@@ -132,10 +140,12 @@ def evaluate_zeroshot(
         import clip  # the published templates live in the package root
 
         templates = clip.imagenet_templates
+    opts = extract_options(options, **keywords)
+    size, device, progress = opts.batch_size, opts.device, opts.progress
     weights = zero_shot_classifier(
-        model, names, templates, batch_size=batch_size, device=device, progress=progress
+        model, names, templates, batch_size=size, device=device, progress=progress
     )  # [D, C]
-    found = _features_of(model, listing, batch_size, num_workers, device, progress)
+    found = _features_of(model, listing, opts)
     labels = torch.tensor([listing.labels[i] for i in found.kept], dtype=torch.long)
     scores = found.features @ weights.float().cpu()  # [N, C]
     top1 = topk_correct(scores, labels, 1)
@@ -170,22 +180,10 @@ def _classnames(listing: ImageFolder, classnames: Optional[Sequence[str]]) -> li
 
 
 def _features_of(
-    model: torch.nn.Module,
-    listing: ImageFolder,
-    batch_size: int,
-    num_workers: int,
-    device: Optional[Device],
-    progress: bool,
+    model: torch.nn.Module, listing: ImageFolder, options: ExtractOptions
 ) -> ImageFeatures:
     """The features of an ImageFolder's images; refuses a folder with no decodable image."""
-    found = image_features(
-        model,
-        listing.paths,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        progress=progress,
-    )
+    found = image_features(model, listing.paths, options=options)
     if not found.kept:
         why = f" (e.g. {listing.paths[found.failed[0][0]]}: {found.failed[0][1]})"
         raise ValueError(
@@ -236,10 +234,8 @@ def evaluate_retrieval(
     caption_column: str = CAPTION_COLUMN,
     ks: Iterable[int] = RECALL_KS,
     truncate: bool = False,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[Device] = None,
-    progress: bool = False,
+    options: Optional[ExtractOptions] = None,
+    **keywords: Unpack[ExtractKeywords],
 ) -> RetrievalResult:
     """Image→text and text→image recall@k on image–caption pairs (see the module docstring).
 
@@ -249,10 +245,8 @@ def evaluate_retrieval(
         image_column, caption_column: the table columns.
         ks: the k's of recall@k.
         truncate: cut captions longer than the model's context instead of refusing them.
-        batch_size: images or captions per forward pass.
-        num_workers: image decoding processes.
-        device: where batches go; default the model's device.
-        progress: show tqdm bars.
+        options, keywords: as :func:`clip.data.extract.image_features` takes them; captions
+            too are embedded ``batch_size`` at a time.
 
     Returns:
         :class:`RetrievalResult`.
@@ -261,6 +255,7 @@ def evaluate_retrieval(
         ValueError: a caption too long for the context (without ``truncate``), no decodable
             image; and as :func:`clip.data.pairs.read_pairs`.
     """
+    opts = extract_options(options, **keywords)
     pairs = (
         source
         if isinstance(source, Pairs)
@@ -271,14 +266,7 @@ def evaluate_retrieval(
             tokenize(pairs.captions, context_length=int(getattr(model, "context_length", 77)))
         except RuntimeError as e:
             raise ValueError(f"{e} (truncate=True, or --truncate, cuts long captions)") from None
-    found = image_features(
-        model,
-        pairs.images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        progress=progress,
-    )
+    found = image_features(model, pairs.images, options=opts)
     if not found.kept:
         raise ValueError(
             f"none of the {len(pairs.images)} images could be decoded "
@@ -287,8 +275,9 @@ def evaluate_retrieval(
     new_index = {old: new for new, old in enumerate(found.kept)}
     rows = [t for t, image in enumerate(pairs.image_of) if image in new_index]
     captions = [pairs.captions[t] for t in rows]
+    size, device, progress = opts.batch_size, opts.device, opts.progress
     texts = embed_texts(
-        model, captions, batch_size=batch_size, device=device, truncate=truncate, progress=progress
+        model, captions, batch_size=size, device=device, truncate=truncate, progress=progress
     )
     image_of = [new_index[pairs.image_of[t]] for t in rows]
     i2t, t2i = recall_at_k(found.features, texts, image_of, ks)
@@ -303,6 +292,20 @@ def evaluate_retrieval(
 
 
 # ---- linear probe ----------------------------------------------------------------------------
+
+
+class ProbeKeywords(ExtractKeywords, total=False):
+    """The keywords :func:`evaluate_linear_probe` takes: :class:`ExtractOptions` fields, and
+    :func:`clip.linear_probe`'s options."""
+
+    C: Optional[float]
+    val_fraction: float
+    seed: int
+    max_iter: int
+    tol: float
+
+
+_EXTRACT_FIELDS = frozenset(f.name for f in fields(ExtractOptions))
 
 
 @dataclass
@@ -342,11 +345,8 @@ def evaluate_linear_probe(
     train_folder: Union[PathLike, ImageFolder],
     test_folder: Union[PathLike, ImageFolder],
     *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[Device] = None,
-    progress: bool = False,
-    **probe_options: Any,
+    options: Optional[ExtractOptions] = None,
+    **keywords: Unpack[ProbeKeywords],
 ) -> LinearProbeResult:
     """Test accuracy of :func:`clip.linear_probe` on frozen image features of two ImageFolders.
 
@@ -354,12 +354,10 @@ def evaluate_linear_probe(
         model: a CLIP model, on its device.
         train_folder, test_folder: ImageFolders; the test folder's classes must be among the
             training folder's (matched by folder name).
-        batch_size: images per forward pass.
-        num_workers: image decoding processes.
-        device: where batches go; default the model's device.
-        progress: show tqdm bars.
-        probe_options: passed to :func:`clip.linear_probe` (``C=`` fixes C instead of sweeping
-            it on a split of the training features).
+        options: as :func:`clip.data.extract.image_features` takes it.
+        keywords: the fields of :class:`ExtractOptions`, overriding ``options``; the others are
+            passed to :func:`clip.linear_probe` (``C=`` fixes C instead of sweeping it on a split
+            of the training features).
 
     Returns:
         :class:`LinearProbeResult`.
@@ -373,8 +371,11 @@ def evaluate_linear_probe(
     )
     test = test_folder if isinstance(test_folder, ImageFolder) else read_image_folder(test_folder)
     check_probe_folders(train, test)
-    train_found = _features_of(model, train, batch_size, num_workers, device, progress)
-    test_found = _features_of(model, test, batch_size, num_workers, device, progress)
+    extract: dict[str, Any] = {k: v for k, v in keywords.items() if k in _EXTRACT_FIELDS}
+    probe_options = {k: v for k, v in keywords.items() if k not in _EXTRACT_FIELDS}
+    opts = extract_options(options, **extract)
+    train_found = _features_of(model, train, opts)
+    test_found = _features_of(model, test, opts)
     train_labels = torch.tensor([train.labels[i] for i in train_found.kept], dtype=torch.long)
     to_train = [train.classes.index(c) for c in test.classes]
     test_labels = torch.tensor([to_train[test.labels[i]] for i in test_found.kept])

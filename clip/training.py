@@ -4,10 +4,11 @@ The pieces live in their own modules and are re-exported here:
 
 - :mod:`clip.loss`: :func:`contrastive_loss` (one process or across ranks),
   :class:`ContrastiveLoss`.
-- :mod:`clip.optim`: :func:`param_groups`, :func:`make_optimizer` (AdamW),
-  :func:`cosine_schedule`, :func:`clamp_logit_scale`, and the fine-tuning defaults
-  :data:`DEFAULT_LR` (1e-5), :data:`DEFAULT_WARMUP` (500), :data:`DEFAULT_WEIGHT_DECAY` (0.1),
-  :data:`BETAS` (0.9, 0.98), :data:`EPS` (1e-6), with the literature they come from.
+- :mod:`clip.optim`, all of it: :func:`param_groups`, :func:`make_optimizer` (AdamW),
+  :func:`cosine_schedule` (:class:`CosineWithWarmup`), :func:`clamp_logit_scale`, and the
+  fine-tuning defaults :data:`DEFAULT_LR` (1e-5), :data:`DEFAULT_WARMUP` (500),
+  :data:`DEFAULT_WEIGHT_DECAY` (0.1), :data:`BETAS` (0.9, 0.98), :data:`EPS` (1e-6), with the
+  literature they come from.
 - :mod:`clip.precision`: :func:`prepare_for_training` → :class:`Precision` (fp32 master weights,
   autocast, GradScaler).
 - :mod:`clip.freeze`: :func:`lock_image_tower`, :func:`lock_text_tower` (LiT).
@@ -40,15 +41,17 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from clip import optim
 from clip.freeze import lock_image_tower, lock_text_tower
 from clip.loss import ContrastiveLoss, contrastive_loss
-from clip.optim import (
+from clip.optim import (  # noqa: F401 (re-exported: __all__ takes clip.optim's whole)
     BETAS,
     DEFAULT_LR,
     DEFAULT_WARMUP,
     DEFAULT_WEIGHT_DECAY,
     EPS,
     MAX_LOGIT_SCALE,
+    CosineWithWarmup,
     clamp_logit_scale,
     cosine_schedule,
     make_optimizer,
@@ -56,25 +59,16 @@ from clip.optim import (
 )
 from clip.precision import Precision, prepare_for_training
 
-__all__ = [
-    "BETAS",
-    "DEFAULT_LR",
-    "DEFAULT_WARMUP",
-    "DEFAULT_WEIGHT_DECAY",
-    "EPS",
-    "MAX_LOGIT_SCALE",
+__all__ = [  # every name of clip.optim, then the other pieces and this module's own
+    *optim.__all__,
     "ContrastiveForward",
     "ContrastiveLoss",
     "Precision",
     "batch_loss",
-    "clamp_logit_scale",
     "contrastive_loss",
-    "cosine_schedule",
     "lock_image_tower",
     "lock_text_tower",
-    "make_optimizer",
     "normalized_features",
-    "param_groups",
     "prepare_for_training",
     "train_step",
 ]

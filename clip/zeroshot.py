@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from importlib import resources
-from typing import Callable, Optional, Union, cast
+from typing import Callable, Optional, TypeVar, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ __all__ = ["Template", "zero_shot_classifier"]
 
 Template = Union[str, Callable[[str], str]]
 Device = Union[str, torch.device]
+_T = TypeVar("_T")
 
 _DATA_FILES = {
     "imagenet_classes": "imagenet_classes.txt",
@@ -135,15 +136,20 @@ def _summed_unit_embeddings(
     return sums, dtype
 
 
-def _check_classnames(classnames: Sequence[str]) -> list[str]:
-    if isinstance(classnames, str):
+def _listed(items: Sequence[_T], what: str, noun: str, if_empty: str) -> list[_T]:
+    """``items`` as a list; refuses a single string (a sequence of characters) and no items."""
+    if isinstance(items, str):
         raise TypeError(
-            f"classnames must be a list of class names, got the single string {classnames!r}; "
-            "wrap it in a list"
+            f"{what} must be a list of {noun}, got the single string {items!r}; wrap it in a list"
         )
-    names = list(classnames)
-    if not names:
-        raise ValueError("classnames is empty; pass at least one class name")
+    listed = list(items)
+    if not listed:
+        raise ValueError(f"{what} is empty; {if_empty}")
+    return listed
+
+
+def _check_classnames(classnames: Sequence[str]) -> list[str]:
+    names = _listed(classnames, "classnames", "class names", "pass at least one class name")
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise TypeError(f"classnames[{i}] must be a str, got {type(name).__name__}")
@@ -153,17 +159,12 @@ def _check_classnames(classnames: Sequence[str]) -> list[str]:
 
 
 def _check_templates(templates: Sequence[Template]) -> list[Template]:
-    if isinstance(templates, str):
-        raise TypeError(
-            f"templates must be a list of templates, got the single string {templates!r}; "
-            "wrap it in a list"
-        )
-    checked = list(templates)
-    if not checked:
-        raise ValueError(
-            "templates is empty; pass at least one, e.g. ['a photo of a {}.'] "
-            "or clip.imagenet_templates"
-        )
+    checked = _listed(
+        templates,
+        "templates",
+        "templates",
+        "pass at least one, e.g. ['a photo of a {}.'] or clip.imagenet_templates",
+    )
     for i, template in enumerate(checked):
         if isinstance(template, str):
             if "{}" not in template:

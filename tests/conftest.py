@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,17 @@ def vit_model(vit_file: str) -> torch.nn.Module:
 
     model, _ = clip.load(vit_file, device="cpu")
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (``pytest.mark.usefixtures("one_thread")``): tiny
+    models gain nothing from threads, and lose much when other processes hold the cores
+    (threads wait for each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,9 +25,11 @@ import dataclasses
 import hashlib
 import http.server
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 from urllib.parse import unquote
+
+import pytest
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 Answer = Callable[[str], "tuple[int, dict[str, str], bytes]"]  # URL path -> status, headers, body
@@ -188,3 +190,21 @@ def _range_start(header: Optional[str]) -> int:
     if not header or not header.startswith("bytes="):
         return 0
     return int(header[len("bytes=") :].split("-")[0] or 0)
+
+
+def serve_online(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A running :class:`HubServer` that huggingface_hub and ``clip.hub`` use, online and quiet,
+    for the test; a fixture ``yield from``s it. huggingface_hub must be importable (the tests
+    ``importorskip`` it) and is imported already: its constants are patched, not just the
+    environment."""
+    import huggingface_hub.constants as hf_constants
+
+    with HubServer() as s:
+        monkeypatch.setenv("HF_ENDPOINT", s.url)
+        monkeypatch.setenv("CLIP_QUIET", "1")
+        for var in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        # No user-agent look-ups of huggingface_hub's own (agent detection) at its endpoint.
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        yield s

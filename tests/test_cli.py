@@ -29,13 +29,9 @@ NAMES = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_files: dict[str, dict[str, Path]]) -> str:
+    """The tiny ViT as an OpenAI archive: the same model as conftest's ``vit_model``, which the
+    tests compare the command line's output with."""
     return str(tiny_files["tiny-vit"]["archive"])
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint: str) -> torch.nn.Module:
-    loaded, _ = clip.load(checkpoint, device="cpu")
-    return loaded
 
 
 @pytest.fixture
@@ -53,11 +49,11 @@ def good_paths(images: dict[str, Path]) -> list[str]:
 
 
 def test_embed_npy_equals_the_library(
-    checkpoint: str, model: torch.nn.Module, images: dict, tmp_path: Path, capsys: Any
+    checkpoint: str, vit_model: torch.nn.Module, images: dict, tmp_path: Path, capsys: Any
 ) -> None:
     out = tmp_path / "e.npy"
     assert embed(checkpoint, str(tmp_path / "imgs"), "--out", str(out), "--batch-size", "2") == 0
-    expected = pipeline.embed_images(model, good_paths(images), batch_size=2)
+    expected = pipeline.embed_images(vit_model, good_paths(images), batch_size=2)
     assert np.array_equal(np.load(out), expected.embeddings.numpy())
     assert (tmp_path / "e.rows.txt").read_text().splitlines() == expected.paths
     err = capsys.readouterr().err
@@ -69,7 +65,7 @@ def test_embed_npy_equals_the_library(
 
 
 def test_embed_parquet(
-    checkpoint: str, model: torch.nn.Module, images: dict, tmp_path: Path
+    checkpoint: str, vit_model: torch.nn.Module, images: dict, tmp_path: Path
 ) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "e.parquet"
@@ -79,8 +75,8 @@ def test_embed_parquet(
     assert table.column_names == ["path", "embedding"]
     assert table.column("path").to_pylist() == paths
     with torch.no_grad():
-        preprocess = clip.clip.transform(model.visual.input_resolution)
-        direct = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]))
+        preprocess = clip.clip.transform(vit_model.visual.input_resolution)
+        direct = vit_model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]))
     direct = direct / direct.norm(dim=-1, keepdim=True)
     got = torch.tensor(table.column("embedding").to_pylist())
     assert torch.equal(got, direct)
@@ -137,13 +133,15 @@ def test_embed_interrupted_keeps_finished_batches(
     assert pipeline.load_embeddings(out)[0] == sorted(paths)[:2]
 
 
-def test_embed_text(checkpoint: str, model: torch.nn.Module, tmp_path: Path, capsys: Any) -> None:
+def test_embed_text(
+    checkpoint: str, vit_model: torch.nn.Module, tmp_path: Path, capsys: Any
+) -> None:
     captions = tmp_path / "captions.txt"
     long = "word " * 100
     captions.write_text(f"a dog\n\na photo of a cat\na dog\n{long}\n", encoding="utf-8")
     out = tmp_path / "t.npy"
     assert embed(checkpoint, "--text", str(captions), "--out", str(out)) == 0
-    expected = pipeline.embed_texts(model, ["a dog", "a photo of a cat"])
+    expected = pipeline.embed_texts(vit_model, ["a dog", "a photo of a cat"])
     assert np.array_equal(np.load(out), expected.numpy())
     assert (tmp_path / "t.rows.txt").read_text().splitlines() == ["a dog", "a photo of a cat"]
     assert "too long" in capsys.readouterr().err  # reported, not fatal
@@ -249,7 +247,7 @@ def test_classify(tiny_files: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_classify_matches_the_model(
-    checkpoint: str, model: torch.nn.Module, images: dict, capsys: Any
+    checkpoint: str, vit_model: torch.nn.Module, images: dict, capsys: Any
 ) -> None:
     labels = ["a dog", "a cat", "a bird"]
     paths = [str(images["jpeg"]), str(images["corrupt"]), str(images["tall"])]
@@ -260,10 +258,10 @@ def test_classify_matches_the_model(
     assert f"skipped {images['corrupt']}" in captured.err
     good = sorted([str(images["jpeg"]), str(images["tall"])])
     with torch.no_grad():
-        image = pipeline.embed_images(model, good).embeddings
-        text = model.encode_text(clip.tokenize(labels))
+        image = pipeline.embed_images(vit_model, good).embeddings
+        text = vit_model.encode_text(clip.tokenize(labels))
         text = text / text.norm(dim=-1, keepdim=True)
-        probs = (model.logit_scale.exp() * image @ text.t()).softmax(dim=-1)
+        probs = (vit_model.logit_scale.exp() * image @ text.t()).softmax(dim=-1)
     for line, path, row in zip(lines, good, probs):
         top = row.topk(2)
         assert line == f"{path}: " + ", ".join(
@@ -274,7 +272,7 @@ def test_classify_matches_the_model(
 
 def test_classify_imagenet(
     checkpoint: str,
-    model: torch.nn.Module,
+    vit_model: torch.nn.Module,
     images: dict,
     capsys: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -287,9 +285,9 @@ def test_classify_imagenet(
     assert main([*argv, "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip()
     with torch.no_grad():
-        weights = clip.zero_shot_classifier(model, classes, templates)
-        image = pipeline.embed_images(model, [str(images["jpeg"])]).embeddings
-        top = (model.logit_scale.exp() * image @ weights).softmax(dim=-1)[0].topk(3)
+        weights = clip.zero_shot_classifier(vit_model, classes, templates)
+        image = pipeline.embed_images(vit_model, [str(images["jpeg"])]).embeddings
+        top = (vit_model.logit_scale.exp() * image @ weights).softmax(dim=-1)[0].topk(3)
     shown = ", ".join(f"{classes[i]} {p:.3f}" for p, i in zip(top.values, top.indices.tolist()))
     assert line == f"{images['jpeg']}: {shown}"
 

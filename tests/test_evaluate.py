@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import tarfile
@@ -16,9 +17,10 @@ from PIL import Image
 from test_pipeline import smooth_image
 
 import clip
+import clip.evaluate
 from clip.cli import main
 from clip.config import CLIPConfig
-from clip.data.extract import image_features
+from clip.data.extract import ExtractOptions, ImageFeatures, extract_options, image_features
 from clip.metrics import recall_at_k
 from clip.preprocess import PreprocessConfig, transform
 
@@ -382,6 +384,35 @@ def test_linear_probe_separates_a_separable_dataset(
     assert (got["classes"], got["train_images"], got["test_images"]) == (2, 16, 8)
     assert got["accuracy"] == 1.0 and isinstance(got["C"], float)
     assert "accuracy  100.00%" in capsys.readouterr().out
+
+
+def test_options_and_keywords_reach_the_extraction_and_the_probe(
+    vit_model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """options= and the old keywords (which override it) both work; the rest go to the probe."""
+    seen: list[tuple[int, dict[str, Any]]] = []
+    original = clip.evaluate.image_features
+
+    def recording(model: Any, images: Any, **kw: Any) -> ImageFeatures:
+        seen.append((kw["options"].batch_size, {}))
+        return original(model, images, **kw)
+
+    def probe(features: Any, labels: Any, **options: Any) -> Any:
+        seen.append((0, options))
+        return StandInProbe(features, labels)
+
+    monkeypatch.setattr(clip.evaluate, "image_features", recording)
+    monkeypatch.setattr(clip, "linear_probe", probe, raising=False)
+    colour_folder(tmp_path / "train", 2, 0)
+    colour_folder(tmp_path / "test", 1, 1)
+    options = ExtractOptions(batch_size=3, device="cpu")
+    result = clip.evaluate.evaluate_linear_probe(
+        vit_model, tmp_path / "train", tmp_path / "test", options=options, batch_size=2, C=0.5
+    )
+    assert result.test_images == 2 and seen == [(2, {}), (2, {}), (0, {"C": 0.5})]
+    assert extract_options(options, progress=True) == ExtractOptions(3, 0, "cpu", True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.batch_size = 1  # type: ignore[misc]
 
 
 def test_linear_probe_refuses_test_classes_it_cannot_predict(

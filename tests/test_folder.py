@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from folder_models import TINY, tiny_model
 
 import clip
 from clip.checkpoint import CheckpointError
@@ -25,24 +25,7 @@ from clip.model import CLIP
 from clip.preprocess import STD
 
 pytest.importorskip("safetensors", reason="clip.save writes safetensors (the safetensors extra)")
-
-# A tiny GELU ViT: 128 wide (2 heads of 64), text 64 wide in 4 heads of 16.
-TINY = CLIPConfig(32, 32, 2, 128, 8, 77, 49408, 64, 4, 2, activation="gelu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and lose much when other processes hold the
-    cores (threads wait for each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(config: CLIPConfig = TINY, seed: int = 0) -> CLIP:
-    torch.manual_seed(seed)
-    return CLIP.from_config(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def features(model: torch.nn.Module) -> torch.Tensor:

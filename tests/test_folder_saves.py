@@ -11,12 +11,13 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
 import pytest
 import torch
+from folder_models import TINY, tiny_model
 
 import clip
 from clip import checkpoint
@@ -27,8 +28,8 @@ from clip.model import CLIP
 from clip.preprocess import PreprocessConfig, transform
 
 pytest.importorskip("safetensors", reason="clip.save writes safetensors (the safetensors extra)")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = CLIPConfig(32, 32, 2, 128, 8, 77, 49408, 64, 4, 2, activation="gelu")
 # Everything the shapes do not tell, away from OpenAI's values.
 UNUSUAL = CLIPConfig(
     32,
@@ -45,21 +46,6 @@ UNUSUAL = CLIPConfig(
     vision_head_width=80,
     preprocess=PreprocessConfig((0.5,) * 3, (0.5,) * 3, "bilinear", "squash"),
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and lose much when other processes hold the
-    cores (threads wait for each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(config: CLIPConfig = TINY, seed: int = 0) -> CLIP:
-    torch.manual_seed(seed)
-    return CLIP.from_config(config).eval()
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

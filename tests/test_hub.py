@@ -16,7 +16,7 @@ pytest.importorskip("huggingface_hub", reason="huggingface_hub is not installed 
 
 import huggingface_hub.constants as hf_constants
 import huggingface_hub.file_download as hf_file_download
-from hub_server import DEFAULT_COMMIT, HubServer
+from hub_server import DEFAULT_COMMIT, HubServer, serve_online
 
 from clip import hub, verified
 from clip.download import DownloadError
@@ -30,15 +30,7 @@ REPO = "org/model"
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    with HubServer() as s:
-        monkeypatch.setenv("HF_ENDPOINT", s.url)  # huggingface_hub is imported already
-        monkeypatch.setenv("CLIP_QUIET", "1")
-        for var in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        # No user-agent look-ups of huggingface_hub's own (agent detection) at its endpoint.
-        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        yield s
+    yield from serve_online(monkeypatch)
 
 
 @pytest.fixture

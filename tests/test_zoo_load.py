@@ -12,8 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("huggingface_hub")
-from hub_server import HubServer
-from huggingface_hub import constants as hf_constants
+from hub_server import HubServer, serve_online
 
 import clip
 import clip.registry
@@ -28,14 +27,7 @@ TINY = CLIPConfig(16, 32, 2, 64, 16, 77, 49408, 64, 1, 2)
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    with HubServer() as s:
-        monkeypatch.setenv("HF_ENDPOINT", s.url)
-        monkeypatch.setenv("CLIP_QUIET", "1")
-        for var in ("CLIP_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
-        yield s
+    yield from serve_online(monkeypatch)
 
 
 def publish(server: HubServer, tmp_path: Path, config: CLIPConfig, edit=None) -> CLIP:

@@ -10,10 +10,11 @@ Images that cannot be read or decoded are reported, never fatal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -25,9 +26,63 @@ from clip.data.embed import empty, encode_images, input_resolution, model_device
 from clip.data.pairs import ImageRef, ImageRefs, TarMember
 from clip.preprocess import PreprocessConfig, normalize_uint8, transform_uint8
 
-__all__ = ["ImageFeatures", "image_features", "preprocess_config"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "ExtractKeywords",
+    "ExtractOptions",
+    "ImageFeatures",
+    "extract_options",
+    "image_features",
+    "preprocess_config",
+]
 
 Device = Union[str, torch.device]
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How images are decoded and embedded: the options every feature extraction shares.
+
+    Attributes:
+        batch_size: images (and, in evaluations, texts) per forward pass.
+        num_workers: DataLoader processes decoding images (0: in this process).
+        device: where batches go; None: the model's device.
+        progress: show tqdm bars.
+    """
+
+    batch_size: int = 64
+    num_workers: int = 0
+    device: Optional[Device] = None
+    progress: bool = False
+
+
+class ExtractKeywords(TypedDict, total=False):
+    """The fields of :class:`ExtractOptions`, as the keyword arguments that override them."""
+
+    batch_size: int
+    num_workers: int
+    device: Optional[Device]
+    progress: bool
+
+
+def extract_options(
+    options: Optional[ExtractOptions] = None, **keywords: Unpack[ExtractKeywords]
+) -> ExtractOptions:
+    """``options`` with the fields given as keywords replaced.
+
+    Args:
+        options: the options to start from; default :class:`ExtractOptions` ().
+        keywords: fields of :class:`ExtractOptions` to override.
+
+    Returns:
+        The options to use.
+
+    Raises:
+        TypeError: a keyword that is not a field of :class:`ExtractOptions`.
+    """
+    return dataclasses.replace(options or ExtractOptions(), **keywords)
 
 
 @dataclass
@@ -55,10 +110,8 @@ def image_features(
     model: torch.nn.Module,
     images: Union[ImageRef, os.PathLike[str], Sequence[Union[ImageRef, os.PathLike[str]]]],
     *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: Optional[Device] = None,
-    progress: bool = False,
+    options: Optional[ExtractOptions] = None,
+    **keywords: Unpack[ExtractKeywords],
 ) -> ImageFeatures:
     """Normalised image features of files, URLs or tar members, through the data path.
 
@@ -66,10 +119,10 @@ def image_features(
         model: a CLIP model, on its device.
         images: image paths (``str`` or ``Path``) or URLs, or :class:`clip.data.pairs.TarMember`
             s; a single one is one image.
-        batch_size: images per forward pass.
-        num_workers: DataLoader processes decoding images (0: in this process).
-        device: where batches go; default the model's device.
-        progress: show a tqdm bar.
+        options: batch size, decoding workers, device (default the model's) and progress bar;
+            default :class:`ExtractOptions` ().
+        keywords: fields of :class:`ExtractOptions` (``batch_size=``, ``num_workers=``,
+            ``device=``, ``progress=``), overriding ``options``.
 
     Returns:
         :class:`ImageFeatures`.
@@ -77,6 +130,8 @@ def image_features(
     Raises:
         ValueError: if ``batch_size`` < 1 or ``num_workers`` < 0.
     """
+    opts = extract_options(options, **keywords)
+    batch_size, num_workers = opts.batch_size, opts.num_workers
     if batch_size < 1 or num_workers < 0:
         raise ValueError(
             f"need batch_size ≥ 1 and num_workers ≥ 0, got {batch_size}, {num_workers}"
@@ -85,7 +140,7 @@ def image_features(
         images = [images]  # one image, never a sequence of characters
     refs: list[ImageRef] = [os.fspath(i) if isinstance(i, os.PathLike) else i for i in images]
     config = preprocess_config(model)
-    device = torch.device(device) if device is not None else model_device(model)
+    device = torch.device(opts.device) if opts.device is not None else model_device(model)
     loader = DataLoader(
         ImageRefs(refs, transform_uint8(input_resolution(model), config)),
         batch_size=batch_size,
@@ -95,7 +150,7 @@ def image_features(
     )
     out = ImageFeatures(empty(model))
     chunks = [out.features]
-    with tqdm(total=len(refs), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(refs), unit="img", disable=not opts.progress, dynamic_ncols=True) as bar:
         for indices, pixels, failed in loader:
             if pixels is not None:
                 # normalised here with the model's mean and std, then embedded as given

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ open_clip = pytest.importorskip(
     "pip install -e '.[parity]' (the 'test' extra includes it)",
 )
 from open_clip.push_to_hf_hub import save_for_hf  # noqa: E402 (after the importorskip)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-5
 IMAGES = (
@@ -207,16 +208,6 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
                 t.add_(0.1 * noise)
             elif leaf == "weight" and t.ndim == 1:  # LayerNorm, BatchNorm
                 t.copy_(1 + 0.2 * noise)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and lose much when other processes hold the
-    cores (threads wait for each other at every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _NoTokenizerFiles:
