@@ -213,17 +213,22 @@ def export_tower(
     return path
 
 
-def fuse(path: Path, *, heads: int = 0, width: int = 0) -> dict[str, int]:
+def fuse(
+    path: Path, *, heads: int = 0, width: int = 0, skip_layer_norm: bool = False
+) -> dict[str, int]:
     """Apply ONNX Runtime's transformer fusions to the graph at ``path``, in place.
 
     Uses ``onnxruntime.transformers.optimizer`` with its CLIP fusions and no approximations
-    (``FastGelu`` stays off): LayerNorm, LayerNorm with its residual and bias add
-    (``SkipLayerNormalization``), QuickGELU and GELU, and attention where its pattern matches.
+    (``FastGelu`` stays off): LayerNorm, QuickGELU and GELU, and attention where its pattern
+    matches. LayerNorm fused with the residual add before it (``SkipLayerNormalization``) is
+    off by default: on CPUs it measured 3-4% slower than ``LayerNormalization`` and ``Add``
+    (``benchmarks/onnxruntime_speed.py``, table 3).
 
     Args:
         path: an exported ``.onnx`` file.
         heads: attention heads of the tower (0: read from the graph).
         width: its width (0: read from the graph).
+        skip_layer_norm: also fuse residual adds into ``SkipLayerNormalization``.
 
     Returns:
         How many nodes of each fused operator the graph now holds.
@@ -234,6 +239,7 @@ def fuse(path: Path, *, heads: int = 0, width: int = 0) -> dict[str, int]:
 
     options = FusionOptions("clip")
     options.enable_gelu_approximation = False  # tanh GELU: not exact
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
     # The pass logs under its modules' own top-level names (fusion_attention, onnx_model...) and
     # prints a failed shape inference on stdout: neither is the caller's.
     names = ["onnxruntime", *(p.stem for p in Path(package.__file__).parent.glob("*.py"))]

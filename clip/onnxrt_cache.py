@@ -7,8 +7,9 @@ depends only on the tower's weights, its code and settings, and the exporter. So
 
 The key is a SHA256 over everything the graph depends on: every parameter's and buffer's name,
 dtype, shape and bytes; each module's class, the compiled code of its methods, and its plain
-attributes (``num_heads``, ``eps``, ``input_resolution``...); the export settings; and the
-versions of clip, torch, onnx and onnxruntime. A tower with a hook or a method patched on an
+attributes (``num_heads``, ``eps``, ``input_resolution``...); the export settings and the code of
+:func:`clip.export.export_tower` and :func:`clip.export.fuse`; and the versions of clip, torch,
+onnx and onnxruntime. A tower with a hook or a method patched on an
 instance is exported afresh and not cached (what it computes is not in its code).
 
 An entry is written to a temporary folder beside its final name and renamed into place whole,
@@ -37,6 +38,7 @@ from torch import nn
 
 from clip.atomic import atomic_write, fsync_dir
 from clip.download import default_cache_dir
+from clip.export import export_tower, fuse
 from clip.layers import global_hooks_active, is_hooked
 
 __all__ = ["ExportCache", "tower_key"]
@@ -146,6 +148,8 @@ def tower_key(module: nn.Module, settings: dict[str, Any]) -> Optional[str]:
     h.update(json.dumps([versions, onnxruntime.__version__, settings], sort_keys=True).encode())
     if global_hooks_active():
         return None
+    for exporter in (export_tower, fuse):  # what our exporter and fusion pass do
+        h.update(marshal.dumps(exporter.__code__))
     classes: set[type] = set()
     for name, m in _named_modules(module):
         if is_hooked(m) or any(callable(v) for k, v in vars(m).items() if not k.startswith("_")):

@@ -338,3 +338,10 @@ def test_embed_onnxruntime_usage_errors(
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert not Path(out).exists() and not (tmp_path / "shards").exists()
+
+
+def test_fusions_leave_residual_adds_out_of_layer_norms(optimized: dict) -> None:
+    visual, text = sessions(optimized["tiny-vit"])
+    for fused in (visual.owner.fused["visual"], text.owner.fused["textual"]):
+        assert fused["LayerNormalization"] > 0 and fused["QuickGelu"] > 0
+        assert fused.get("SkipLayerNormalization", 0) == 0
