@@ -48,7 +48,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 
 import peers  # noqa: E402
 from bench_tokenizer import REFERENCE, load_reference, make_captions  # noqa: E402
-from timing import Table, alternate, deviation, fmt, peer_row, peer_table  # noqa: E402
+from timing import Table, alternate, deviation, fmt, peer_row, peer_table, write_section  # noqa: E402
 
 import clip  # noqa: E402
 from clip.optimize import optimize  # noqa: E402
@@ -455,8 +455,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(machine_description(s), flush=True)
         tables = run_workloads(s, ref, tmp)
     report = render(s, tables)
-    if s.out:
-        Path(s.out).write_text(report)
+    if s.out:  # the part before the first "## " section; the other scripts' sections are kept
+        write_section(Path(s.out), "# Benchmark results", report)
         print(f"wrote {s.out}")
     return 0
 

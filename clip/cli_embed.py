@@ -70,7 +70,8 @@ def add_embed_parser(sub: Any) -> None:
         "--onnxruntime",
         action="store_true",
         help="run the model through ONNX Runtime (CPU, float32; one output file): faster on "
-        "many CPUs, equal to 1e-6; exporting the model first takes up to a minute",
+        "many CPUs, equal to 1e-6; the first run with a model exports it (up to a minute), "
+        "later runs reuse the export cached in the cache directory",
     )
     add_common_options(p, batch_size=64)
     p.add_argument(

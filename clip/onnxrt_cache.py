@@ -24,11 +24,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import marshal
 import os
 import shutil
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,7 +41,7 @@ from clip.download import default_cache_dir
 from clip.export import export_tower, fuse
 from clip.layers import global_hooks_active, is_hooked
 
-__all__ = ["ExportCache", "tower_key"]
+__all__ = ["ExportCache", "code_identity", "tower_key"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def tower_key(module: nn.Module, settings: dict[str, Any]) -> Optional[str]:
     if global_hooks_active():
         return None
     for exporter in (export_tower, fuse):  # what our exporter and fusion pass do
-        h.update(marshal.dumps(exporter.__code__))
+        h.update(code_identity(exporter.__code__))
     classes: set[type] = set()
     for name, m in _named_modules(module):
         if is_hooked(m) or any(callable(v) for k, v in vars(m).items() if not k.startswith("_")):
@@ -192,7 +192,30 @@ def _code_of(cls: type) -> Iterator[bytes]:
         for name, value in sorted(vars(base).items()):
             for fn in _functions_in(value):
                 code = getattr(fn, "__code__", None)
-                yield name.encode() + (marshal.dumps(code) if code is not None else b"")
+                yield name.encode() + (code_identity(code) if code is not None else b"")
+
+
+def code_identity(code: types.CodeType) -> bytes:
+    """What a function's code computes, as bytes that stay the same across calls and processes.
+
+    Its bytecode, names and constants, nested functions included. (``marshal.dumps`` of a code
+    object is not stable: it changes once the interpreter has specialised the code.)
+
+    Args:
+        code: a function's ``__code__``.
+
+    Returns:
+        The bytes.
+    """
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars)).encode()]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            parts.append(code_identity(const))
+        elif isinstance(const, frozenset):  # its order follows string hashing, per process
+            parts.append(repr(sorted(map(repr, const))).encode())
+        else:
+            parts.append(repr(const).encode())
+    return b"\0".join(parts)
 
 
 def _functions_in(value: Any) -> list[Any]:

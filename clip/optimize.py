@@ -48,7 +48,8 @@ def optimize(
             ≥ 0.999); CPU only.
         onnxruntime: :func:`clip.onnxrt.use_onnxruntime` — ``encode_image`` and ``encode_text``
             run through ONNX Runtime sessions (CPU, fp32), built now from the model's weights
-            (the export takes seconds to a minute); ``encode_text`` still runs only up to the
+            (the first export takes seconds to a minute; it is cached on disk, see
+            :mod:`clip.onnxrt_cache`); ``encode_text`` still runs only up to the
             batch's last end-of-text token. Outputs equal the default within fp32 rounding
             (relative ~1e-6). Calls with gradients, hooks or changed weights run in torch,
             with one warning. Not combinable with the other opt-ins.
