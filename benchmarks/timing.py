@@ -111,5 +111,6 @@ def write_section(path: Path, title: str, text: str) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         end = old.find("\n## ", start + len(title))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+        rest = old[end + 1 :] if end >= 0 else ""
+        new = old[:start] + (text.rstrip("\n") + "\n\n" if rest else text) + rest
     atomic_write(path, new.encode())
