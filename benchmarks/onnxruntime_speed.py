@@ -49,7 +49,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import peers  # noqa: E402
 from bench_tokenizer import REFERENCE, load_reference  # noqa: E402
 from run import long_captions, write_jpegs  # noqa: E402
-from timing import Table, alternate, deviation, fmt, write_section  # noqa: E402
+from timing import Table, alternate, deviation, fmt, wait_quiet, write_section  # noqa: E402
 
 import clip  # noqa: E402
 from clip.model import CLIP  # noqa: E402
@@ -78,33 +78,12 @@ def run_session(sess: Any, dtype: torch.dtype = torch.float32) -> Fn:
     return lambda x: torch.from_numpy(sess.run(None, {name: x.to(dtype).numpy()})[0])
 
 
-def cpu_busy(seconds: float = 2.0) -> float:
-    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat; this process idles)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
 WAITS: list[float] = []  # seconds each race waited for the other jobs to leave the CPUs
-
-
-def wait_quiet(limit: float) -> None:
-    """Wait until the other processes leave the CPUs ≥ 85% idle, at most ``limit`` seconds."""
-    start = time.perf_counter()
-    while limit > 0 and cpu_busy() > 0.15 and time.perf_counter() - start < limit:
-        pass
-    WAITS.append(time.perf_counter() - start)
 
 
 def race(fns: dict[str, Fn], x: torch.Tensor, reps: int) -> tuple[dict, dict]:
     """Items/s and the output of each contender on ``x``, calls alternating."""
-    wait_quiet(QUIET_WAIT)
+    WAITS.append(wait_quiet(QUIET_WAIT))
     outs: dict[str, torch.Tensor] = {}
 
     def call(name: str, fn: Fn) -> Callable[[], None]:

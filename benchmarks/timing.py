@@ -114,3 +114,28 @@ def write_section(path: Path, title: str, text: str) -> None:
         rest = old[end + 1 :] if end >= 0 else ""
         new = old[:start] + (text.rstrip("\n") + "\n\n" if rest else text) + rest
     atomic_write(path, new.encode())
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat; this process idles)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(limit: float) -> float:
+    """Wait until other processes leave the CPUs ≥ 85% idle, at most ``limit`` seconds.
+
+    Returns:
+        The seconds waited.
+    """
+    start = time.perf_counter()
+    while limit > 0 and cpu_busy() > 0.15 and time.perf_counter() - start < limit:
+        pass
+    return time.perf_counter() - start
