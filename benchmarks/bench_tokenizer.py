@@ -75,6 +75,13 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
     return captions
 
 
+def install_reference(target: str, requirement: str = REFERENCE) -> str:
+    """pip-install the reference (no dependencies) into the folder ``target``; returns it."""
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target]
+    subprocess.run([*pip, requirement], check=True)
+    return target
+
+
 def load_reference(ref_dir: str) -> types.ModuleType:
     """Import the reference package found in ``ref_dir/clip`` under the name ``ref_clip``."""
     try:
@@ -134,9 +141,7 @@ def main() -> int:
     if args.reference_dir:
         return run(args.reference_dir, args.n, args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
-        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", tmp]
-        subprocess.run([*pip, args.reference], check=True)
-        return run(tmp, args.n, args.repeat)
+        return run(install_reference(tmp, args.reference), args.n, args.repeat)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,9 +75,7 @@ def table(model_name: str, ref_dir: Optional[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="clip-load-") as tmp_name:
         tmp = Path(tmp_name)
         if not ref_dir:
-            ref_dir = str(tmp / "reference")
-            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
-            subprocess.run([*pip, ref_dir, run.REFERENCE], check=True)
+            ref_dir = run.install_reference(str(tmp / "reference"))
         files, fp32_bytes = run.write_checkpoints(model_name, tmp)
         import torch
 

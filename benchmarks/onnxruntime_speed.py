@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import peers  # noqa: E402
-from bench_tokenizer import REFERENCE, load_reference  # noqa: E402
+from bench_tokenizer import install_reference, load_reference  # noqa: E402
 from run import long_captions, write_jpegs  # noqa: E402
 from timing import Table, alternate, deviation, fmt, wait_quiet, write_section  # noqa: E402
 
@@ -463,9 +463,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clip-ort-bench-") as name:
         tmp = Path(name)
         if not a.reference_dir:
-            a.reference_dir = str(tmp / "reference")
-            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
-            subprocess.run([*pip, a.reference_dir, REFERENCE], check=True)
+            a.reference_dir = install_reference(str(tmp / "reference"))
         for number in sorted(int(n) for n in a.only.split(",")):
             title, columns, fill = TABLES[number]
             table = Table(title, columns)

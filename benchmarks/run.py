@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import peers  # noqa: E402
-from bench_tokenizer import REFERENCE, load_reference, make_captions  # noqa: E402
+from bench_tokenizer import REFERENCE, install_reference, load_reference, make_captions  # noqa: E402
 from timing import Table, alternate, deviation, fmt, peer_row, peer_table, write_section  # noqa: E402
 
 import clip  # noqa: E402
@@ -448,9 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="clip-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if not s.reference_dir:
-            s.reference_dir = str(tmp / "reference")
-            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
-            subprocess.run([*pip, s.reference_dir, REFERENCE], check=True)
+            s.reference_dir = install_reference(str(tmp / "reference"))
         ref = load_reference(s.reference_dir)
         print(machine_description(s), flush=True)
         tables = run_workloads(s, ref, tmp)

@@ -32,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+from timing import write_section  # noqa: E402
+
 SECTION = "## Model zoo: load and encode_image of a GELU ViT-B/32 (`benchmarks/zoo_speed.py`)"
 
 
@@ -149,21 +151,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        write_section(Path(args.out), text, SECTION)
-
-
-def write_section(path: Path, text: str, heading: str) -> None:
-    """Replace (or append) the section under ``heading`` of the results file, atomically."""
-    from clip.atomic import atomic_write
-
-    old = path.read_text() if path.exists() else ""
-    start = old.find(heading)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(heading))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    atomic_write(path, new.encode())
+        write_section(Path(args.out), SECTION, text)
 
 
 if __name__ == "__main__":
