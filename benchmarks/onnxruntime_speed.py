@@ -48,8 +48,9 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import peers  # noqa: E402
 from bench_tokenizer import install_reference, load_reference  # noqa: E402
-from run import long_captions, write_jpegs  # noqa: E402
+from run import long_captions  # noqa: E402
 from timing import Table, alternate, deviation, fmt, wait_quiet, write_section  # noqa: E402
+from workload_folder import write_jpegs  # noqa: E402
 
 import clip  # noqa: E402
 from clip.model import CLIP  # noqa: E402

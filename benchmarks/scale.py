@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import peers  # noqa: E402
-from run import write_jpegs  # noqa: E402
 from timing import alternate  # noqa: E402
+from workload_folder import write_jpegs  # noqa: E402
 
 import clip  # noqa: E402
 from clip import distributed, pipeline  # noqa: E402
