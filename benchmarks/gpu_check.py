@@ -55,9 +55,10 @@ from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
 
 from checkpoints import PUBLISHED, TINY, Arch, make_state_dict, write_openai_archive  # noqa: E402
+from timing import deviation  # noqa: E402
 
 import clip  # noqa: E402
 from clip.atomic import atomic_write  # noqa: E402
@@ -84,14 +85,6 @@ def inputs(arch: Arch, n: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
     images = torch.randn(n, 3, r, r, generator=g)
     texts = clip.tokenize([" ".join(["a photo of a cat"] * (1 + 3 * i)) for i in range(n)])
     return images, texts
-
-
-def deviation(got: Tensor, want: Tensor) -> tuple[float, float]:
-    """(max |got - want| / max |want|, min cosine similarity of rows)."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-    cos = torch.nn.functional.cosine_similarity(got, want, dim=-1).min().item()
-    return rel, cos
 
 
 def verdict(check: str, case: str, got: Tensor, want: Tensor, rel_max: float) -> Row:

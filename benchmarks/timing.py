@@ -94,8 +94,9 @@ def fmt(value: Optional[float]) -> str:
 
 def deviation(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     """(max |actual − expected| / max |expected|, minimum row cosine similarity)."""
-    a, e = actual.double().flatten(1), expected.double().flatten(1)
-    rel = ((a - e).abs().max() / e.abs().max()).item()
+    a = actual.detach().double().cpu().flatten(1)
+    e = expected.detach().double().cpu().flatten(1)
+    rel = ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
     cos = torch.nn.functional.cosine_similarity(a, e, dim=1).min().item()
     return rel, cos
 
