@@ -23,6 +23,7 @@ from clip.data import fs
 from clip.data.decode import ImageFiles, load_image
 from clip.data.discover import IMAGE_EXTENSIONS, as_list, discover
 from clip.data.embed import (
+    decode_workers,
     embedding_width,
     empty,
     encode_images,
@@ -134,7 +135,7 @@ def iter_image_batches(
     loader = DataLoader(
         ImageFiles(paths, preprocess, res if fast_decode else None),
         batch_size=batch_size,
-        num_workers=min(num_workers, -(-len(paths) // batch_size)),  # no idle workers
+        num_workers=decode_workers(num_workers, len(paths), batch_size),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
@@ -182,7 +183,8 @@ def embed_images(
             (``model.config.preprocess``: mean, std, resize mode; OpenAI's for a model without
             a config) at ``model.visual.input_resolution``.
         batch_size: images per forward pass.
-        num_workers: DataLoader worker processes (0: decode in this process).
+        num_workers: DataLoader worker processes (0: decode in this process); at most one per
+            batch, and none when all the images fit in one batch.
         device: where images go; default the device of the model's parameters.
         fast_decode: decode large JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) that still covers
             the model input after the resize. Much faster on photos far larger than

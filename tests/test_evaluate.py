@@ -264,7 +264,8 @@ def test_retrieval_drops_unreadable_images_with_their_captions(
     table, images, image_of = pairs_csv
     images[0].unlink()  # three captions
     out = tmp_path / "r.json"
-    assert evaluate(vit_file, "retrieval", str(table), "--json", str(out), "--workers", "1") == 0
+    argv = ["--json", str(out), "--workers", "1", "--batch-size", "4"]  # workers decode 3 batches
+    assert evaluate(vit_file, "retrieval", str(table), *argv) == 0
     got = json.loads(out.read_text())
     assert (got["images"], got["captions"]) == (8, 9)
     assert got["failed"][0]["image"] == str(images[0])

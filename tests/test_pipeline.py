@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ import torch
 from PIL import Image
 
 import clip
+import clip.data.extract
+from clip.data.embed import decode_workers
+from clip.data.extract import image_features
 from clip.pipeline import (
     embed_images,
     embed_texts,
@@ -152,6 +156,38 @@ def test_workers_give_the_same_result(vit: torch.nn.Module, tmp_path: Path) -> N
     parallel = embed_images(vit, paths, batch_size=2, num_workers=2)
     assert parallel.paths == serial.paths and parallel.failed == serial.failed
     assert torch.equal(parallel.embeddings, serial.embeddings)
+
+
+@pytest.mark.parametrize(
+    ("requested", "items", "batch_size", "started"),
+    [(2, 7, 2, 2), (8, 7, 2, 4), (1, 64, 64, 0), (4, 3, 64, 0), (3, 0, 64, 0), (0, 700, 64, 0)],
+)
+def test_decode_workers_start_at_most_one_per_batch_and_none_for_one_batch(
+    requested: int, items: int, batch_size: int, started: int
+) -> None:
+    assert decode_workers(requested, items, batch_size) == started
+
+
+@pytest.mark.parametrize("module", [clip.pipeline, clip.data.extract])
+def test_a_single_batch_is_decoded_in_this_process(
+    vit: torch.nn.Module, tmp_path: Path, module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    real = module.DataLoader
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["num_workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "DataLoader", recording)
+    paths = [str(p) for p in write_images(tmp_path).values()]
+    if module is clip.pipeline:
+        one, two = (embed_images(vit, paths, batch_size=b, num_workers=2) for b in (64, 4))
+        assert one.paths == two.paths and torch.equal(one.embeddings, two.embeddings)
+    else:
+        for b in (64, 4):
+            image_features(vit, paths, batch_size=b, num_workers=2)
+    assert seen == [0, 2]
 
 
 def test_batches_stream_in_order(vit: torch.nn.Module, tmp_path: Path) -> None:

@@ -78,6 +78,25 @@ def uint8_transform(model: torch.nn.Module, resolution: int) -> Callable[[Any], 
     return transform_uint8(resolution, preprocess_config(model))
 
 
+def decode_workers(requested: int, items: int, batch_size: int) -> int:
+    """How many of ``requested`` DataLoader workers are worth starting for ``items`` inputs.
+
+    At most one per batch; none for a single batch, which a worker would decode while this
+    process waits, after a start-up this process would not have paid (measured: 32 JPEGs in one
+    batch, 1.7 s in this process against 2.0 s with one worker).
+
+    Args:
+        requested: the caller's ``num_workers``.
+        items: how many inputs the loader will read.
+        batch_size: inputs per batch.
+
+    Returns:
+        The number of worker processes to start.
+    """
+    batches = -(-items // batch_size)
+    return min(requested, batches) if batches > 1 else 0
+
+
 def embedding_width(model: torch.nn.Module) -> int:
     """D, the width of the model's embeddings (0 if it cannot be told)."""
     projection = getattr(model, "text_projection", None)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clip.checkpoint import config_of
-from clip.data.embed import empty, encode_images, input_resolution, model_device
+from clip.data.embed import decode_workers, empty, encode_images, input_resolution, model_device
 from clip.data.pairs import ImageRef, ImageRefs, TarMember
 from clip.preprocess import PreprocessConfig, normalize_uint8, transform_uint8
 
@@ -47,7 +47,8 @@ class ExtractOptions:
 
     Attributes:
         batch_size: images (and, in evaluations, texts) per forward pass.
-        num_workers: DataLoader processes decoding images (0: in this process).
+        num_workers: DataLoader processes decoding images (0: in this process); at most one
+            per batch, and none when all the images fit in one batch.
         device: where batches go; None: the model's device.
         progress: show tqdm bars.
     """
@@ -144,7 +145,7 @@ def image_features(
     loader = DataLoader(
         ImageRefs(refs, transform_uint8(input_resolution(model), config)),
         batch_size=batch_size,
-        num_workers=min(num_workers, -(-len(refs) // batch_size)),  # no idle workers
+        num_workers=decode_workers(num_workers, len(refs), batch_size),
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
     )
