@@ -54,7 +54,7 @@ from workload_folder import write_jpegs  # noqa: E402
 
 import clip  # noqa: E402
 from clip.model import CLIP  # noqa: E402
-from clip.onnxrt import export_tower, fuse, use_onnxruntime  # noqa: E402
+from clip.onnxrt import export_tower, fuse, session_options, use_onnxruntime  # noqa: E402
 
 SECTION = "## ONNX Runtime (`benchmarks/onnxruntime_speed.py`)"
 QUIET_WAIT = 0.0  # --quiet-wait
@@ -64,13 +64,7 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 def session(path: Path, level: str = "all", spinning: bool = False) -> Any:
     import onnxruntime as ort
 
-    options = peers.session_options(spinning)
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
+    options = session_options(level, threads=torch.get_num_threads(), spinning=spinning)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -185,15 +185,12 @@ def onnxruntime_missing() -> Optional[str]:
 
 
 def session_options(spinning: bool = False) -> Any:
-    """onnxruntime's default session options, with ``torch.get_num_threads()`` intra-op threads
-    and, unless ``spinning``, idle threads that sleep (they would take CPU from torch's)."""
-    import onnxruntime as ort
+    """onnxruntime's default session options (level ALL), with ``torch.get_num_threads()``
+    intra-op threads and, unless ``spinning``, idle threads that sleep (they would take CPU from
+    torch's): ``clip.onnxrt.session_options``."""
+    from clip.onnxrt import session_options as options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+    return options("all", threads=torch.get_num_threads(), spinning=spinning)
 
 
 def onnxruntime_peer(model: torch.nn.Module, directory: Path) -> Peer:

@@ -53,6 +53,7 @@ __all__ = [
     "OnnxRuntimeFallbackWarning",
     "TowerSession",
     "remove_onnxruntime",
+    "session_options",
     "use_onnxruntime",
 ]
 
@@ -110,22 +111,21 @@ def use_onnxruntime(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # export what inference computes (BatchNorm statistics, no dropout)
     config = model.config
+    res, length = model.visual.input_resolution, model.context_length
+    width = config.transformer_width
+    # the fusion pass's attention search wants a ViT's heads and width (0: read from the graph)
     vit = not isinstance(model.visual, ModifiedResNet)
-    res, width = model.visual.input_resolution, config.transformer_width
-    towers: list[tuple[nn.Module, Tensor, dict[int, str], str, int, int]] = [
-        (model.visual, torch.zeros(2, 3, res, res), {0: "batch"}, "visual", 0, 0),
-    ]
-    if vit:  # the fusion pass's attention search wants them (0: read from the graph)
-        towers[0] = (*towers[0][:4], config.vision_heads, config.vision_width)
+    sizes = (config.vision_heads, config.vision_width, length) if vit else (0, 0, length)
+    images = torch.zeros(2, 3, res, res)
+    exports = [_Export(model.visual, images, {0: "batch"}, "visual", sizes, fusions)]
     if text:
-        x = torch.zeros(model.context_length, 2, width)
-        dims = {0: "length", 1: "batch"}
-        towers.append((model.transformer, x, dims, "textual", config.transformer_heads, width))
+        tokens, dims = torch.zeros(length, 2, width), {0: "length", 1: "batch"}
+        text_sizes = (config.transformer_heads, width, length)
+        exports.append(_Export(model.transformer, tokens, dims, "textual", text_sizes, fusions))
     try:
         sessions = []
-        for module, example, dims, name, heads, width in towers:
-            export = _Export(module, example, dims, name, heads, width, model.context_length)
-            export.fusions = fusions
+        for export in exports:
+            module, name = export.module, export.name
             key = None if store is None else tower_key(module, export.settings())
             if store is None or key is None:
                 folder, info = owner.directory, export(owner.directory)
@@ -145,11 +145,17 @@ class _Export:
     """Exports one tower (and fuses it) into a folder: what :class:`ExportCache` builds."""
 
     def __init__(
-        self, module: nn.Module, example: Tensor, dims: dict[int, str], name: str, *sizes: int
+        self,
+        module: nn.Module,
+        example: Tensor,
+        dims: dict[int, str],
+        name: str,
+        sizes: tuple[int, int, int],
+        fusions: bool,
     ) -> None:
         self.module, self.example, self.dims, self.name = module, example, dims, name
-        self.heads, self.width, self.max_length = sizes
-        self.fusions = True
+        self.heads, self.width, self.max_length = sizes  # heads, width: 0 = read from the graph
+        self.fusions = fusions
 
     def settings(self) -> dict[str, Any]:
         """What the graph depends on besides the module: part of its cache key."""
@@ -259,23 +265,38 @@ class ModelSessions:
         )
 
     def options(self, threads: int) -> Any:
-        import onnxruntime as ort
+        return session_options(self.level, threads=threads, spinning=self.spinning)
 
-        levels = ort.GraphOptimizationLevel
-        so = ort.SessionOptions()
-        so.graph_optimization_level = {
-            "disable": levels.ORT_DISABLE_ALL,
-            "basic": levels.ORT_ENABLE_BASIC,
-            "extended": levels.ORT_ENABLE_EXTENDED,
-            "all": levels.ORT_ENABLE_ALL,
-        }[self.level]
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3  # errors only
-        spin = "1" if self.spinning else "0"
-        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        return so
+
+def session_options(level: str = "all", *, threads: int, spinning: bool = False) -> Any:
+    """ONNX Runtime session options for a CPU session as :func:`use_onnxruntime` builds them.
+
+    Args:
+        level: the graph optimisation level, one of :data:`LEVELS` (ONNX Runtime's default is
+            ``"all"``).
+        threads: intra-op threads (``torch.get_num_threads()`` for the model's sessions).
+        spinning: let idle worker threads spin instead of sleeping.
+
+    Returns:
+        An ``onnxruntime.SessionOptions``.
+    """
+    import onnxruntime as ort
+
+    levels = ort.GraphOptimizationLevel
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": levels.ORT_DISABLE_ALL,
+        "basic": levels.ORT_ENABLE_BASIC,
+        "extended": levels.ORT_ENABLE_EXTENDED,
+        "all": levels.ORT_ENABLE_ALL,
+    }[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only
+    spin = "1" if spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
 
 
 class TowerSession:
